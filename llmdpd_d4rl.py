@@ -610,34 +610,35 @@ class Agent:
         return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
-        """Actions for a batch of states of one task, as Diffusion-QL picks them: sample `eval_candidates` actions per
-        state from the policy, draw one by softmax over the target critics' min Q. Without a critic: one sample."""
-        task_prompts = self.policy.encode_prompts(llm_features, trajectories)
+    def act(self, obs: torch.Tensor, task_prompts: Optional[torch.Tensor]) -> torch.Tensor:
+        """Actions for a batch of states of one task (task_prompts: (1, prompt_dim) from `encode_prompts`, computed once
+        per evaluation), as Diffusion-QL picks them: `eval_candidates` actions sampled per state from the policy, one
+        drawn by softmax over the target critics' min Q. Without a critic: one sample per state."""
         n_states, n_candidates = obs.shape[0], (self.args.eval_candidates if self.critic is not None else 1)
-        obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
-        task_idx = torch.zeros(obs_repeated.shape[0], dtype=torch.long, device=obs.device)
-        actions = self.policy(obs_repeated, task_prompts, task_idx)
+        task_idx = torch.zeros(n_states, dtype=torch.long, device=obs.device)
+        condition = self.policy.condition(obs, task_prompts, task_idx).repeat_interleave(n_candidates, dim=0)
+        actions = self.policy.diffusion.sample(condition)
         if n_candidates == 1:
             return actions
+        obs_repeated, task_idx = obs.repeat_interleave(n_candidates, dim=0), task_idx.repeat_interleave(n_candidates)
         target_q1, target_q2 = self.critic_target(obs_repeated, actions, self.critic_prompts(task_prompts), task_idx)
         q = torch.min(target_q1, target_q2).view(n_states, n_candidates)
         choice = torch.multinomial(F.softmax(q, dim=1), 1).squeeze(1)
         return actions.view(n_states, n_candidates, -1)[torch.arange(n_states, device=obs.device), choice]
 
+    def parts(self) -> dict:
+        parts = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
+                     critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
+        return {name: part for name, part in parts.items() if part is not None}
+
     def state_dict(self) -> dict:
-        modules = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
-                       critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
-        state = {name: module.state_dict() for name, module in modules.items() if module is not None}
+        state = {name: part.state_dict() for name, part in self.parts().items()}
         state["schedulers"] = [scheduler.state_dict() for scheduler in self.schedulers]
         return state
 
     def load_state_dict(self, state: dict):
-        modules = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
-                       critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
-        for name, module in modules.items():
-            if module is not None:
-                module.load_state_dict(state[name])
+        for name, part in self.parts().items():
+            part.load_state_dict(state[name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
         self.ema_prompts = None
@@ -670,6 +671,13 @@ def load_checkpoint(path: str) -> dict:
     if state["script"] != os.path.basename(__file__):
         sys.exit(f"error: {path!r} was written by {state['script']}, not by {os.path.basename(__file__)}")
     return state
+
+
+def restore_agent(agent: Agent, state: dict, path: str) -> None:
+    try:
+        agent.load_state_dict(state["agent"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        sys.exit(f"error: checkpoint {path!r} does not match this model: {error}")
 
 
 def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "diffusion_loss", "q_loss")):
@@ -805,7 +813,8 @@ def evaluate(agent: Agent, llm_features: torch.Tensor, trajectory: torch.Tensor,
     """`n_parallel` episodes share each policy call (default: all of them); 1 gives the one-env-at-a-time loop."""
     n_parallel = n_parallel or args.eval_episodes
     returns, env_steps = [], 0
-    llm_features, trajectory = llm_features.to(device)[None], trajectory.to(device)[None]
+    with torch.no_grad():
+        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
     for first in range(0, args.eval_episodes, n_parallel):
         seeds = [10_000_000 + 1000 * args.seed + i for i in range(first, min(first + n_parallel, args.eval_episodes))]
         envs = [gym.make(args.env_id) for _ in seeds]
@@ -813,7 +822,7 @@ def evaluate(agent: Agent, llm_features: torch.Tensor, trajectory: torch.Tensor,
         active, episode_return = np.ones(len(envs), dtype=bool), np.zeros(len(envs))
         while active.any():
             running = np.flatnonzero(active)
-            actions = agent.act(torch.as_tensor(obs[running], dtype=torch.float32, device=device), llm_features, trajectory)
+            actions = agent.act(torch.as_tensor(obs[running], dtype=torch.float32, device=device), task_prompts)
             for i, action in zip(running, actions.cpu().numpy()):
                 obs[i], reward, terminated, truncated, _ = envs[i].step(action)
                 episode_return[i] += reward
@@ -914,39 +923,35 @@ def main(args: Args):
         obs_dim = task_trajectories[task].shape[1] - checkpoint["agent"]["policy"]["diffusion.noise_mlp.action_layer.weight"].shape[1]
         act_dim = task_trajectories[task].shape[1] - obs_dim
     else:
-        start = time.time()
-        try:
-            features, llm_forward_passes = llm_text_features([build_text_prompt(args.env_id)], args.llm,
-                                                             args.embedding_cache_dir, device, args.llm_dtype)
-        except LLMLoadError as error:
-            sys.exit(f"error: {error}")
+        start, features = time.time(), torch.zeros(1, 0)  # w/o-z_text: the LLM is not needed at all
+        if args.text_prompt:
+            try:
+                features, llm_forward_passes = llm_text_features([build_text_prompt(args.env_id)], args.llm,
+                                                                 args.embedding_cache_dir, device, args.llm_dtype)
+            except LLMLoadError as error:
+                sys.exit(f"error: {error}")
         llm_seconds = time.time() - start
         episode_start, episode_end = episodes[args.traj_prompt_episode]
         task_llm_features = {task: features[0]}
         task_trajectories = {task: trajectory_prompt(transitions["obs"][episode_start:episode_end],
                                                      transitions["actions"][episode_start:episode_end], args.traj_prompt_len)}
-        print(f"text prompt: embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
-              f"({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s; trajectory prompt: episode "
+        print(f"text prompt: " + (f"embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
+              f"({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s" if args.text_prompt else "off")
+              + f"; trajectory prompt: episode "
               f"{args.traj_prompt_episode} (rows {episode_start}-{episode_end})", flush=True)
 
     agent = Agent(obs_dim, act_dim, task_llm_features[task][None] if args.text_prompt else None, args, device)
     llm_features, trajectories = task_llm_features[task][None].to(device), task_trajectories[task][None].to(device)
 
     if args.eval_only:
-        try:
-            agent.load_state_dict(checkpoint["agent"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            sys.exit(f"error: checkpoint {args.checkpoint!r} does not match this model: {error}")
+        restore_agent(agent, checkpoint, args.checkpoint)
         result = evaluate_and_log(agent, args, task_llm_features[task], task_trajectories[task], device, ref)
         print_table(args, result)
         return result
 
     start_step, run_dir = 0, None
     if args.resume:
-        try:
-            agent.load_state_dict(checkpoint["agent"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            sys.exit(f"error: checkpoint {args.resume!r} does not match this model: {error}")
+        restore_agent(agent, checkpoint, args.resume)
         start_step, run_dir = checkpoint["step"], os.path.dirname(os.path.abspath(args.resume))
         torch.set_rng_state(checkpoint["torch_rng"])
         random.setstate(checkpoint["python_rng"])

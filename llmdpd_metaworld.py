@@ -15,6 +15,7 @@ update step -> data -> evaluation -> training loop. Everything between the two "
 the same text in llmdpd_d4rl.py.
 """
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -637,34 +638,35 @@ class Agent:
         return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
-        """Actions for a batch of states of one task, as Diffusion-QL picks them: sample `eval_candidates` actions per
-        state from the policy, draw one by softmax over the target critics' min Q. Without a critic: one sample."""
-        task_prompts = self.policy.encode_prompts(llm_features, trajectories)
+    def act(self, obs: torch.Tensor, task_prompts: Optional[torch.Tensor]) -> torch.Tensor:
+        """Actions for a batch of states of one task (task_prompts: (1, prompt_dim) from `encode_prompts`, computed once
+        per evaluation), as Diffusion-QL picks them: `eval_candidates` actions sampled per state from the policy, one
+        drawn by softmax over the target critics' min Q. Without a critic: one sample per state."""
         n_states, n_candidates = obs.shape[0], (self.args.eval_candidates if self.critic is not None else 1)
-        obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
-        task_idx = torch.zeros(obs_repeated.shape[0], dtype=torch.long, device=obs.device)
-        actions = self.policy(obs_repeated, task_prompts, task_idx)
+        task_idx = torch.zeros(n_states, dtype=torch.long, device=obs.device)
+        condition = self.policy.condition(obs, task_prompts, task_idx).repeat_interleave(n_candidates, dim=0)
+        actions = self.policy.diffusion.sample(condition)
         if n_candidates == 1:
             return actions
+        obs_repeated, task_idx = obs.repeat_interleave(n_candidates, dim=0), task_idx.repeat_interleave(n_candidates)
         target_q1, target_q2 = self.critic_target(obs_repeated, actions, self.critic_prompts(task_prompts), task_idx)
         q = torch.min(target_q1, target_q2).view(n_states, n_candidates)
         choice = torch.multinomial(F.softmax(q, dim=1), 1).squeeze(1)
         return actions.view(n_states, n_candidates, -1)[torch.arange(n_states, device=obs.device), choice]
 
+    def parts(self) -> dict:
+        parts = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
+                     critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
+        return {name: part for name, part in parts.items() if part is not None}
+
     def state_dict(self) -> dict:
-        modules = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
-                       critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
-        state = {name: module.state_dict() for name, module in modules.items() if module is not None}
+        state = {name: part.state_dict() for name, part in self.parts().items()}
         state["schedulers"] = [scheduler.state_dict() for scheduler in self.schedulers]
         return state
 
     def load_state_dict(self, state: dict):
-        modules = dict(policy=self.policy, policy_ema=self.policy_ema, policy_optimizer=self.policy_optimizer,
-                       critic=self.critic, critic_target=self.critic_target, critic_optimizer=self.critic_optimizer)
-        for name, module in modules.items():
-            if module is not None:
-                module.load_state_dict(state[name])
+        for name, part in self.parts().items():
+            part.load_state_dict(state[name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
         self.ema_prompts = None
@@ -697,6 +699,13 @@ def load_checkpoint(path: str) -> dict:
     if state["script"] != os.path.basename(__file__):
         sys.exit(f"error: {path!r} was written by {state['script']}, not by {os.path.basename(__file__)}")
     return state
+
+
+def restore_agent(agent: Agent, state: dict, path: str) -> None:
+    try:
+        agent.load_state_dict(state["agent"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        sys.exit(f"error: checkpoint {path!r} does not match this model: {error}")
 
 
 def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "diffusion_loss", "q_loss")):
@@ -820,24 +829,37 @@ def sample_batch(replay: dict, batch_size: int, single_task: bool) -> dict:
 # ======================================================================================================
 # Evaluation: success rate (success at any step of the episode), all episodes of a task stepped together
 # ======================================================================================================
+@functools.lru_cache(maxsize=None)
+def evaluation_envs(task: str, n_envs: int, seed: int) -> tuple:
+    """`n_envs` environments of `task` and the 50 fixed variations (object and goal positions, goal visible) of an
+    MT1 benchmark seeded by `seed`. Made once per run and task: building a benchmark takes about a second."""
+    import metaworld
+
+    benchmark = metaworld.MT1(f"{task}-v3", seed=seed)
+    return [benchmark.train_classes[f"{task}-v3"]() for _ in range(n_envs)], benchmark.train_tasks
+
+
 def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: torch.Tensor, args: Args,
              device: torch.device, n_parallel: Optional[int] = None) -> dict:
-    """`n_parallel` episodes share each policy call (default: all of them); 1 gives the one-env-at-a-time loop."""
+    """Episode i runs variation i of the task's MT1 benchmark, so every evaluation of a run sees the same episodes.
+    `n_parallel` episodes share each policy call (default: all of them); 1 gives the one-env-at-a-time loop."""
     n_parallel = n_parallel or args.eval_episodes
+    envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + args.seed)
     successes, returns, env_steps = [], [], 0
-    llm_features, trajectory = llm_features.to(device)[None], trajectory.to(device)[None]
+    with torch.no_grad():
+        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
     for first in range(0, args.eval_episodes, n_parallel):
-        seeds = [10_000_000 + 1000 * args.seed + i for i in range(first, min(first + n_parallel, args.eval_episodes))]
-        envs = [make_env(task, seed, args.max_episode_steps) for seed in seeds]
-        obs = np.stack([env.reset()[0] for env in envs])
-        success, episode_return = np.zeros(len(envs)), np.zeros(len(envs))
+        envs_now = envs[: min(n_parallel, args.eval_episodes - first)]
+        for episode, env in enumerate(envs_now, start=first):
+            env.set_task(variations[episode % len(variations)])
+        obs = np.stack([env.reset()[0] for env in envs_now])
+        success, episode_return = np.zeros(len(envs_now)), np.zeros(len(envs_now))
         for _ in range(args.max_episode_steps):
-            actions = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), llm_features, trajectory)
-            actions = actions.cpu().numpy()
-            for i, env in enumerate(envs):
+            actions = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), task_prompts).cpu().numpy()
+            for i, env in enumerate(envs_now):
                 obs[i], reward, _, _, info = env.step(actions[i])
                 success[i], episode_return[i] = max(success[i], info["success"]), episode_return[i] + reward
-            env_steps += len(envs)
+            env_steps += len(envs_now)
         successes += list(success)
         returns += list(episode_return)
     return dict(success_rate=float(np.mean(successes)), mean_return=float(np.mean(returns)), env_steps=env_steps)
@@ -924,6 +946,9 @@ def main(args: Args):
     else:
         task_llm_features, task_trajectories = {}, {}
     need_text = [t for t in all_tasks if t not in task_llm_features]
+    if need_text and not args.text_prompt:  # w/o-z_text: the LLM is not needed at all
+        task_llm_features.update({task: torch.zeros(0) for task in need_text})
+        need_text = []
     if need_text:
         start = time.time()
         try:
@@ -934,7 +959,8 @@ def main(args: Args):
         llm_seconds = time.time() - start
         task_llm_features.update(zip(need_text, features))
     print(f"text prompts: {len(need_text)} embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
-          f"({len(need_text) - llm_forward_passes} from cache) in {llm_seconds:.1f}s", flush=True)
+          f"({len(need_text) - llm_forward_passes} from cache) in {llm_seconds:.1f}s"
+          + ("" if args.text_prompt else " (--no-text-prompt)"), flush=True)
     for task in all_tasks:
         if task not in task_trajectories:
             episode = task_data(task, "prompt", args)[0]
@@ -946,20 +972,14 @@ def main(args: Args):
     seen_features = seen_features.to(device)
 
     if args.eval_only:
-        try:
-            agent.load_state_dict(checkpoint["agent"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            sys.exit(f"error: checkpoint {args.checkpoint!r} does not match this model: {error}")
+        restore_agent(agent, checkpoint, args.checkpoint)
         results = evaluate_all(agent, args, task_llm_features, task_trajectories, device)
         print_table(results)
         return results
 
     start_step, run_dir = 0, None
     if args.resume:
-        try:
-            agent.load_state_dict(checkpoint["agent"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            sys.exit(f"error: checkpoint {args.resume!r} does not match this model: {error}")
+        restore_agent(agent, checkpoint, args.resume)
         start_step, run_dir = checkpoint["step"], os.path.dirname(os.path.abspath(args.resume))
         torch.set_rng_state(checkpoint["torch_rng"])
         random.setstate(checkpoint["python_rng"])

@@ -52,6 +52,7 @@ def main():
             result = module.evaluate(agent, llm_features, trajectory, args, device, n_parallel)
         return result["env_steps"] / (time.perf_counter() - start)
 
+    run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run)
     batched, single = run(None), run(1)
     print(f"{options.script} eval, {options.episodes} episodes, {options.candidates} candidates, {options.threads} thread(s):")
     print(f"  batched            {batched:8.1f} env steps/s")

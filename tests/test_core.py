@@ -182,7 +182,7 @@ def test_eta_zero_is_pure_behaviour_cloning(metaworld_script):
                  next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
     losses = agent.update(0, batch, llm_features, trajectories)
     assert losses[0] == 0 and losses[2] == 0 and losses[1] > 0
-    assert agent.act(torch.randn(3, 5), llm_features[:1], trajectories[:1]).shape == (3, 2)
+    assert agent.act(torch.randn(3, 5), agent.policy.encode_prompts(llm_features[:1], trajectories[:1])).shape == (3, 2)
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(text_prompt=False), dict(traj_prompt=False),
@@ -200,7 +200,7 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     assert ("text_head" in changed) == agent.args.text_prompt
     assert ("traj_encoder" in changed) == agent.args.traj_prompt
     assert "diffusion" in changed
-    action = agent.act(torch.randn(4, 5), llm_features[:1], trajectories[:1])
+    action = agent.act(torch.randn(4, 5), agent.policy.encode_prompts(llm_features[:1], trajectories[:1]))
     assert action.shape == (4, 2) and action.abs().max() <= 1
 
 

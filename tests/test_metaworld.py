@@ -170,3 +170,11 @@ def test_non_finite_loss_stops_with_step_and_loss_named(tiny_llm, shared_dirs, t
                                             "--grad-norm", "0"), cwd=tmp_path)
     assert result.returncode != 0
     assert "error: non-finite" in result.stderr and " at step " in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_text_prompt_never_touches_the_llm(shared_dirs, tmp_path):
+    """w/o-z_text needs no LLM: even a --llm that cannot load is never looked at."""
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", "/no/such/folder", "--no-text-prompt",
+                                            "--total-steps", "10"), cwd=tmp_path)
+    assert_finished(result)
+    assert "0 LLM forward passes" in result.stdout and "(--no-text-prompt)" in result.stdout
