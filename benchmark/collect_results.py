@@ -57,7 +57,8 @@ def main():
             cells = [name, ",".join(str(seed) for seed, _ in runs), "/".join(str(s) for s in steps)]
             for tag in tags:
                 finals = [100 * s[tag][-1][1] if metaworld else s[tag][-1][1] for _, s in runs if tag in s]
-                cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "-")
+                cells.append("-" if not finals else f"{finals[0]:.1f}" if len(finals) == 1 else
+                             f"{np.mean(finals):.1f} ± {np.std(finals):.1f}")  # no spread from one seed
             lines.append("| " + " | ".join(cells) + " |")
             curves = [s[curve_tag] for _, s in runs if curve_tag in s]
             if curves:
