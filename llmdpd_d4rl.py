@@ -13,7 +13,6 @@ Everything between the two "ALGORITHM CORE" rulers is the same text in llmdpd_me
 """
 import copy
 import hashlib
-import json
 import math
 import os
 import random
@@ -935,7 +934,7 @@ def main(args: Args):
         task_llm_features = {task: features[0]}
         task_trajectories = {task: trajectory_prompt(transitions["obs"][episode_start:episode_end],
                                                      transitions["actions"][episode_start:episode_end], args.traj_prompt_len)}
-        print(f"text prompt: " + (f"embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
+        print("text prompt: " + (f"embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
               f"({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s" if args.text_prompt else "off")
               + f"; trajectory prompt: episode "
               f"{args.traj_prompt_episode} (rows {episode_start}-{episode_end})", flush=True)
