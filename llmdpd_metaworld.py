@@ -65,10 +65,11 @@ class Args:
     """unseen tasks: only their two prompts are used, at evaluation time"""
 
     # Offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets)
-    noise_levels: tuple[float, ...] = (0.1, 0.5, 1.0)
-    """std of the Gaussian noise added to the scripted policy's actions: one quality level each"""
-    episodes_per_level: int = 10
-    """episodes collected per seen task and noise level"""
+    noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)
+    """std of the Gaussian noise added to the scripted policy's actions: one quality level each (sigma=1.0 data,
+    tried before, made even a plain MLP behaviour cloner fail on two of the three default seen tasks)"""
+    episodes_per_level: int = 30
+    """episodes collected per seen task and noise level (10 per level, tried before, was too few to clone)"""
     max_episode_steps: int = 500
     """episode length for data collection, prompts and evaluation (Meta-World's own limit is 500)"""
     data_seed: int = 0
@@ -127,8 +128,10 @@ class Args:
     """discount factor"""
     tau: float = 0.005
     """target critic smoothing coefficient"""
-    eta: float = 1.0
-    """lambda of Eq. 8 before normalisation by the other critic's mean |Q|; 0 = pure diffusion BC, no critic"""
+    eta: float = 0.005
+    """lambda of Eq. 8 before normalisation by the other critic's mean |Q|; 0 = pure diffusion BC, no critic.
+    Default: Diffusion-QL's setting for its manipulation datasets (Franka Kitchen); 1.0 (its locomotion setting)
+    let the Q-term swamp L_d here"""
     grad_norm: float = 4.0
     """max gradient norm of the policy and critic updates (0: no clipping)"""
     ema_decay: float = 0.995
@@ -779,9 +782,14 @@ def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, epis
         env, episodes = collect_episodes(task, noise_std, episodes_per_level, seed + 100 * level,
                                          config["max_episode_steps"], len(buffers), f"{dataset_id} sigma={noise_std}")
         buffers += episodes
-    return minari.create_dataset_from_buffers(
-        dataset_id, buffers, observation_space=env.observation_space, action_space=env.action_space,
-        algorithm_name="metaworld-scripted-policy+gaussian-action-noise", author="llmdpd", description=description)
+    try:
+        return minari.create_dataset_from_buffers(
+            dataset_id, buffers, observation_space=env.observation_space, action_space=env.action_space,
+            algorithm_name="metaworld-scripted-policy+gaussian-action-noise", author="llmdpd", description=description)
+    except ValueError:  # another run wrote the same dataset meanwhile: use (and check) its copy
+        if dataset_id not in minari.list_local_datasets():
+            raise
+        return load_or_collect(dataset_id, config, task, noise_levels, episodes_per_level, seed)
 
 
 def task_data(task: str, role: str, args: Args) -> list:
