@@ -31,9 +31,11 @@ def main():
     for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
         env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
         scalars = read_scalars(run_dir)
-        final_tags = [t for t in scalars if t.startswith("eval/")]
-        if not final_tags:
-            continue  # a run that never evaluated
+        final_tag = "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
+        if final_tag not in scalars or "charts/SPS" not in scalars or \
+                scalars[final_tag][-1][0] != scalars["charts/SPS"][-1][0]:
+            print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume)")
+            continue
         groups[(env, exp_name)].append((int(seed), scalars))
     os.makedirs(options.out, exist_ok=True)
     import matplotlib
@@ -49,8 +51,8 @@ def main():
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
         lines += [f"### {env}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        figure, axis = plt.subplots(figsize=(6, 4))
-        curve_tag = "eval/unseen_mean" if metaworld else "eval/normalized_score"
+        curve_tags = ["eval/seen_mean", "eval/unseen_mean"] if metaworld else ["eval/normalized_score"]
+        figure, axes = plt.subplots(1, len(curve_tags), figsize=(6 * len(curve_tags), 4), squeeze=False)
         for name in names:
             runs = groups[(env, name)]
             steps = sorted({s[tags[-1]][-1][0] for _, s in runs if tags[-1] in s})
@@ -60,17 +62,32 @@ def main():
                 cells.append("-" if not finals else f"{finals[0]:.1f}" if len(finals) == 1 else
                              f"{np.mean(finals):.1f} ± {np.std(finals):.1f}")  # no spread from one seed
             lines.append("| " + " | ".join(cells) + " |")
-            curves = [s[curve_tag] for _, s in runs if curve_tag in s]
-            if curves:
-                length = min(len(c) for c in curves)
-                x = [step for step, _ in curves[0][:length]]
-                y = np.array([[v for _, v in c[:length]] for c in curves]) * (100 if metaworld else 1)
+            for axis, curve_tag in zip(axes[0], curve_tags):
+                curves = [dict(s[curve_tag]) for _, s in runs if curve_tag in s]
+                if not curves:
+                    continue
+                x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
+                y = np.array([[c[step] for step in x] for c in curves]) * (100 if metaworld else 1)
                 axis.plot(x, y.mean(0), marker="o", label=f"{name} (n={len(curves)})")
                 axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
-        axis.set_xlabel("gradient steps")
-        axis.set_ylabel("unseen-task success rate (%)" if metaworld else "D4RL normalised score")
-        axis.set_title(env)
-        axis.legend()
+        for axis, curve_tag in zip(axes[0], curve_tags):
+            axis.set_xlabel("gradient steps")
+            axis.set_ylabel({"eval/seen_mean": "seen-task success rate (%)", "eval/unseen_mean": "unseen-task success "
+                             "rate (%)"}.get(curve_tag, "D4RL normalised score"))
+            axis.set_title(env)
+            axis.legend()
+        if metaworld:  # returns move before success rates do: a second table of mean episode returns per task
+            return_tags = sorted({t for name in names for _, s in groups[(env, name)] for t in s
+                                  if t.startswith("eval/return/")})
+            lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
+                      return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
+            for name in names:
+                cells = [name]
+                for tag in return_tags:
+                    finals = [s[tag][-1][1] for _, s in groups[(env, name)] if tag in s]
+                    cells.append("-" if not finals else f"{finals[0]:.0f}" if len(finals) == 1 else
+                                 f"{np.mean(finals):.0f} ± {np.std(finals):.0f}")
+                lines.append("| " + " | ".join(cells) + " |")
         figure.tight_layout()
         figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
         lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]

@@ -29,3 +29,31 @@ def test_requirements_pin_the_cpu_torch_wheel():
     for package in ("transformers", "gguf", "accelerate", "metaworld", "packaging", "minari", "tyro", "tensorboard",
                     "pytest", "h5py", "gymnasium", "mujoco"):
         assert any(line.startswith(package) for line in requirements), package
+
+
+def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
+    import subprocess
+    import sys
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    def fake_run(name, seed, sweep_success, last_eval_step, last_train_step=2000):
+        writer = SummaryWriter(str(tmp_path / "runs" / f"metaworld__{name}__{seed}__100"))
+        for step in (1000, last_train_step):
+            writer.add_scalar("charts/SPS", 20.0, step)
+        for step in (1000, last_eval_step):
+            writer.add_scalar("eval/success_rate/sweep-into", sweep_success, step)
+            writer.add_scalar("eval/seen_mean", sweep_success, step)
+            writer.add_scalar("eval/unseen_mean", 0.0, step)
+        writer.close()
+
+    fake_run("llmdpd", 1, 0.2, 2000)
+    fake_run("llmdpd", 2, 0.4, 2000)
+    fake_run("llmdpd", 3, 1.0, 1000)  # still training: its last evaluation is not at its last step
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_results.py"), "--runs",
+                             str(tmp_path / "runs"), "--out", str(tmp_path / "results")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stdout and "metaworld__llmdpd__3__100" in result.stdout
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
+    assert (tmp_path / "results" / "metaworld_curves.png").stat().st_size > 0
