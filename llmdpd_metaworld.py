@@ -847,23 +847,20 @@ def evaluation_envs(task: str, n_envs: int, seed: int) -> tuple:
     return [benchmark.train_classes[f"{task}-v3"]() for _ in range(n_envs)], benchmark.train_tasks
 
 
-def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: torch.Tensor, args: Args,
-             device: torch.device, n_parallel: Optional[int] = None) -> dict:
-    """Episode i runs variation i of the task's MT1 benchmark, so every evaluation of a run sees the same episodes.
-    `n_parallel` episodes share each policy call (default: all of them); 1 gives the one-env-at-a-time loop."""
-    n_parallel = n_parallel or args.eval_episodes
-    envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + args.seed)
+def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int) -> dict:
+    """Episode i runs variation i of the task's MT1 benchmark (seeded by `seed`), so every evaluation sees the same
+    episodes. `policy_fn` maps a (n, obs_dim) array of states to a (n, act_dim) array of actions; `n_parallel`
+    episodes share each call (1 gives the one-env-at-a-time loop)."""
+    envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + seed)
     successes, returns, env_steps = [], [], 0
-    with torch.no_grad():
-        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
-    for first in range(0, args.eval_episodes, n_parallel):
-        envs_now = envs[: min(n_parallel, args.eval_episodes - first)]
+    for first in range(0, n_episodes, n_parallel):
+        envs_now = envs[: min(n_parallel, n_episodes - first)]
         for episode, env in enumerate(envs_now, start=first):
             env.set_task(variations[episode % len(variations)])
         obs = np.stack([env.reset()[0] for env in envs_now])
         success, episode_return = np.zeros(len(envs_now)), np.zeros(len(envs_now))
-        for _ in range(args.max_episode_steps):
-            actions = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), task_prompts).cpu().numpy()
+        for _ in range(max_steps):
+            actions = policy_fn(obs)
             for i, env in enumerate(envs_now):
                 obs[i], reward, _, _, info = env.step(actions[i])
                 success[i], episode_return[i] = max(success[i], info["success"]), episode_return[i] + reward
@@ -871,6 +868,20 @@ def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: to
         successes += list(success)
         returns += list(episode_return)
     return dict(success_rate=float(np.mean(successes)), mean_return=float(np.mean(returns)), env_steps=env_steps)
+
+
+def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: torch.Tensor, args: Args,
+             device: torch.device, n_parallel: Optional[int] = None) -> dict:
+    """The agent on `args.eval_episodes` episodes of `task`, its prompts encoded once. `n_parallel` episodes share
+    each policy call (default: all of them); 1 gives the one-env-at-a-time loop."""
+    with torch.no_grad():
+        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
+
+    def policy_fn(obs: np.ndarray) -> np.ndarray:
+        return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), task_prompts).cpu().numpy()
+
+    return run_episodes(task, policy_fn, args.eval_episodes, args.seed, args.max_episode_steps,
+                        n_parallel or args.eval_episodes)
 
 
 def evaluate_all(agent, args, task_llm_features, task_trajectories, device, writer=None, step=0) -> dict:

@@ -63,20 +63,17 @@ def main():
           f"({time.time() - start:.0f}s)")
     rates = []
     for task_idx, task in enumerate(args.train_tasks):  # the same episodes as the script's evaluation
-        envs, variations = script.evaluation_envs(task, options.eval_episodes, 10_000_000 + options.seed)
-        for episode, env in enumerate(envs):
-            env.set_task(variations[episode % len(variations)])
-        obs = np.stack([env.reset()[0] for env in envs])
-        success = np.zeros(len(envs))
-        one_hot = np.tile(np.eye(n_tasks)[task_idx], (len(envs), 1))
-        for _ in range(args.max_episode_steps):
+        one_hot = np.eye(n_tasks)[task_idx]
+
+        def policy_fn(obs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                batch_actions = cloner(torch.as_tensor(np.concatenate([obs, one_hot], 1), dtype=torch.float32)).numpy()
-            for i, env in enumerate(envs):
-                obs[i], _, _, _, info = env.step(batch_actions[i])
-                success[i] = max(success[i], info["success"])
-        rates.append(success.mean())
-        print(f"  {task:<28} success {success.mean():.2f}")
+                inputs = np.concatenate([obs, np.tile(one_hot, (len(obs), 1))], axis=1)
+                return cloner(torch.as_tensor(inputs, dtype=torch.float32)).numpy()
+
+        result = script.run_episodes(task, policy_fn, options.eval_episodes, options.seed, args.max_episode_steps,
+                                     options.eval_episodes)
+        rates.append(result["success_rate"])
+        print(f"  {task:<28} success {result['success_rate']:.2f}")
     print(f"  {'mean':<28} success {np.mean(rates):.2f}")
 
 
