@@ -5,11 +5,16 @@
 Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`); each
 group shows mean +- std over its seeds of the final evaluation. Meta-World runs give success rates per task and
 the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
+
+With `--partial`, runs still going (or stopped, to be continued with `--resume`) are tabulated too: every run of a
+benchmark is cut at the last step that all of them have evaluated at, so the variants are compared at equal steps,
+and the table says "partial".
 """
 import argparse
 import collections
 import glob
 import os
+import sys
 
 import numpy as np
 
@@ -26,17 +31,32 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="folder of run directories")
     parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
+    parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
     options = parser.parse_args()
     groups = collections.defaultdict(list)  # (benchmark, exp_name) -> [(seed, scalars)]
     for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
         env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
         scalars = read_scalars(run_dir)
         final_tag = "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
-        if final_tag not in scalars or "charts/SPS" not in scalars or \
-                scalars[final_tag][-1][0] != scalars["charts/SPS"][-1][0]:
-            print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume)")
+        finished = final_tag in scalars and "charts/SPS" in scalars and \
+            scalars[final_tag][-1][0] == scalars["charts/SPS"][-1][0]
+        if not finished and not (options.partial and final_tag in scalars):
+            print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
+                  "--partial tabulates it)")
             continue
         groups[(env, exp_name)].append((int(seed), scalars))
+    partial_envs = set()
+    for env in {env for env, _ in groups} if options.partial else ():  # cut every run at the last common eval step
+        final_tag = "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
+        runs = [s for (e, _), group in groups.items() if e == env for _, s in group]
+        common_step = max(set.intersection(*({step for step, _ in s[final_tag]} for s in runs)), default=None)
+        if common_step is None:
+            sys.exit(f"error: the {env} runs have no evaluation step in common; wait for their next evaluation")
+        if any(step > common_step for s in runs for step, _ in s.get("charts/SPS", [])):
+            partial_envs.add(env)
+        for s in runs:
+            for tag in list(s):
+                s[tag] = [(step, value) for step, value in s[tag] if step <= common_step]
     os.makedirs(options.out, exist_ok=True)
     import matplotlib
 
@@ -50,7 +70,11 @@ def main():
         tags = (sorted({t for name in names for _, s in groups[(env, name)] for t in s if t.startswith("eval/success_rate/")})
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
-        lines += [f"### {env}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [f"### {env}", ""]
+        if env in partial_envs:
+            lines += ["Partial: some runs are still going; every run is shown at the last step all of them have "
+                      "evaluated at.", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         curve_tags = ["eval/seen_mean", "eval/unseen_mean"] if metaworld else ["eval/normalized_score"]
         figure, axes = plt.subplots(1, len(curve_tags), figsize=(6 * len(curve_tags), 4), squeeze=False)
         for name in names:
@@ -76,9 +100,9 @@ def main():
                              "rate (%)"}.get(curve_tag, "D4RL normalised score"))
             axis.set_title(env)
             axis.legend()
-        if metaworld:  # returns move before success rates do: a second table of mean episode returns per task
-            return_tags = sorted({t for name in names for _, s in groups[(env, name)] for t in s
-                                  if t.startswith("eval/return/")})
+        return_tags = sorted({t for name in names for _, s in groups[(env, name)] for t in s
+                              if t.startswith("eval/return/")})
+        if metaworld and return_tags:  # returns move before success rates do: a table of mean returns per task
             lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
                       return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
             for name in names:

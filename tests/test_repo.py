@@ -57,3 +57,12 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
     assert (tmp_path / "results" / "metaworld_curves.png").stat().st_size > 0
+
+    # --partial: the run still going is kept, and every run is cut at the last step all three evaluated at
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_results.py"), "--runs",
+                             str(tmp_path / "runs"), "--out", str(tmp_path / "partial"), "--partial"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "partial" / "results.md").read_text()
+    assert "Partial:" in table
+    assert "| llmdpd | 1,2,3 | 1000 | 53.3 ± 34.0 | 53.3 ± 34.0 | 0.0 ± 0.0 |" in table, table
