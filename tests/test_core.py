@@ -222,9 +222,18 @@ def test_split_first_layer_equals_one_linear_on_the_concatenation(metaworld_scri
     torch.testing.assert_close(net(action, k, net.condition(obs, prompts, task_idx)), expected)
 
 
-def test_mish_matches_torch(metaworld_script):
-    x = torch.linspace(-30, 30, 1001, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(metaworld_script.Mish()(x), torch.nn.functional.mish(x))
+def test_mish_matches_torch_in_value_and_gradient(metaworld_script):
+    for dtype in (torch.float64, torch.float32):  # far tails included: exp overflows float32 beyond x = 88
+        x = torch.cat([torch.linspace(-120, 120, 2001, dtype=dtype), torch.randn(1000, dtype=dtype) * 3])
+        ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        output = metaworld_script.Mish()(ours)
+        torch.testing.assert_close(output, torch.nn.functional.mish(theirs))
+        grad = torch.randn_like(x)
+        output.backward(grad)
+        torch.nn.functional.mish(theirs).backward(grad)
+        assert torch.isfinite(ours.grad).all()
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    assert torch.autograd.gradcheck(metaworld_script.Mish(), torch.randn(64, dtype=torch.float64, requires_grad=True) * 4)
 
 
 def test_check_finite_names_step_and_loss(metaworld_script):
