@@ -798,7 +798,8 @@ def task_data(task: str, role: str, args: Args) -> list:
     if role == "train":
         config = dict(task=task, noise_levels=list(args.noise_levels), episodes_per_level=args.episodes_per_level,
                       max_episode_steps=args.max_episode_steps, data_seed=args.data_seed)
-        dataset = load_or_collect(f"metaworld/{task}/scripted-mixed-v0", config, task, args.noise_levels,
+        # -v1: the recipe of the current defaults; -v0 datasets, made with the first defaults, are left as they are
+        dataset = load_or_collect(f"metaworld/{task}/scripted-mixed-v1", config, task, args.noise_levels,
                                   args.episodes_per_level, task_seed)
     else:  # a separate rollout of the behaviour policy, never part of the training data (Sec. 3, problem setting)
         config = dict(task=task, noise_levels=[args.traj_prompt_noise], episodes_per_level=1,

@@ -56,9 +56,9 @@ def test_tiny_run_trains_evaluates_and_logs(tiny_run, shared_dirs):
                 "eval/unseen_mean", "eval/success_rate/door-lock"):
         assert tag in tags, tag
     # datasets saved with Minari, prompt trajectories apart from the training data
-    for dataset in ("reach/scripted-mixed-v0", "push/scripted-mixed-v0", "door-lock/scripted-prompt-v0"):
+    for dataset in ("reach/scripted-mixed-v1", "push/scripted-mixed-v1", "door-lock/scripted-prompt-v0"):
         assert os.path.isdir(os.path.join(shared_dirs["datasets"], "metaworld", dataset)), dataset
-    assert not os.path.exists(os.path.join(shared_dirs["datasets"], "metaworld", "door-lock", "scripted-mixed-v0"))
+    assert not os.path.exists(os.path.join(shared_dirs["datasets"], "metaworld", "door-lock", "scripted-mixed-v1"))
 
 
 def test_repeat_run_does_not_load_the_llm(tiny_run, tiny_llm, shared_dirs, tmp_path):
@@ -161,7 +161,7 @@ def test_existing_dataset_with_other_settings_is_kept(tiny_run, tiny_llm, shared
     before = dataset_fingerprint(folder)
     result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--episodes-per-level", "2"), cwd=tmp_path)
     assert result.returncode != 0
-    assert "was made with other settings" in result.stderr and "minari delete metaworld/reach/scripted-mixed-v0" in result.stderr
+    assert "was made with other settings" in result.stderr and "minari delete metaworld/reach/scripted-mixed-v1" in result.stderr
     assert dataset_fingerprint(folder) == before
 
 
