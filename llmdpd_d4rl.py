@@ -973,7 +973,8 @@ def main(args: Args):
                    name=run_name, save_code=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir)
+    # a resumed run hides what the stopped run logged after its checkpoint, then logs those steps again
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if args.resume else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_scalar("charts/llm_forward_passes", llm_forward_passes, start_step)
     writer.add_scalar("charts/llm_seconds", llm_seconds, start_step)
@@ -1005,10 +1006,10 @@ def main(args: Args):
                 print(f"step {done:>7}  critic {mean_losses[0]:9.3f}  diffusion {mean_losses[1]:.4f}  "
                       f"q {mean_losses[2]:8.3f}  SPS {sps:.1f}", flush=True)
             window_losses, window_start = [], done
+        if eval_now:  # before the checkpoint: a run stopped mid-evaluation redoes it when resumed
+            evaluate_and_log(agent, args, task_llm_features[task], task_trajectories[task], device, ref, writer, done)
         if save_now:
             save_checkpoint(checkpoint_path, agent, done, args, task_llm_features, task_trajectories)
-        if eval_now:
-            evaluate_and_log(agent, args, task_llm_features[task], task_trajectories[task], device, ref, writer, done)
         tick = time.time()
 
     result = evaluate_and_log(agent, args, task_llm_features[task], task_trajectories[task], device, ref, writer,

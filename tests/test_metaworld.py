@@ -2,6 +2,7 @@
 import glob
 import hashlib
 import os
+import shutil
 import time
 
 import pytest
@@ -85,10 +86,19 @@ def test_resume_continues_from_the_saved_step(tiny_run, tmp_path):
     run_dir = tmp_path / "runs" / "resumed"
     run_dir.mkdir(parents=True)
     torch.save(state, run_dir / "checkpoint.pt")
+    for events in glob.glob(str(cwd / "runs" / "*" / "events.out.tfevents.*")):  # what the stopped run logged
+        shutil.copy(events, run_dir)
     result = run_script(SCRIPT, "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path)
     assert_finished(result)
     assert f"resuming {run_dir} at step 20" in result.stdout
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 30
+    # steps 21-30 were logged by both runs: TensorBoard shows them once, from the resumed run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [event.step for event in events.Scalars("losses/diffusion_loss")] == [10, 20, 30]
+    assert [event.step for event in events.Scalars("eval/seen_mean")] == [30]
 
 
 def test_embedded_default_llm(shared_dirs, tmp_path):
