@@ -27,6 +27,11 @@ def read_scalars(run_dir: str) -> dict:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def final_tag(env: str) -> str:
+    """The scalar a run's result is read from: the unseen-task mean on Meta-World, the normalised score on D4RL."""
+    return "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="folder of run directories")
@@ -36,20 +41,17 @@ def main():
     groups = collections.defaultdict(list)  # (benchmark, exp_name) -> [(seed, scalars)]
     for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
         env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
-        scalars = read_scalars(run_dir)
-        final_tag = "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
-        finished = final_tag in scalars and "charts/SPS" in scalars and \
-            scalars[final_tag][-1][0] == scalars["charts/SPS"][-1][0]
-        if not finished and not (options.partial and final_tag in scalars):
+        scalars, tag = read_scalars(run_dir), final_tag(env)
+        finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
+        if not finished and not (options.partial and tag in scalars):
             print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
                   "--partial tabulates it)")
             continue
         groups[(env, exp_name)].append((int(seed), scalars))
     partial_envs = set()
     for env in {env for env, _ in groups} if options.partial else ():  # cut every run at the last common eval step
-        final_tag = "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
         runs = [s for (e, _), group in groups.items() if e == env for _, s in group]
-        common_step = max(set.intersection(*({step for step, _ in s[final_tag]} for s in runs)), default=None)
+        common_step = max(set.intersection(*({step for step, _ in s[final_tag(env)]} for s in runs)), default=None)
         if common_step is None:
             sys.exit(f"error: the {env} runs have no evaluation step in common; wait for their next evaluation")
         if any(step > common_step for s in runs for step, _ in s.get("charts/SPS", [])):

@@ -47,11 +47,14 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
             writer.add_scalar("eval/unseen_mean", 0.0, step)
         writer.close()
 
+    def collect(out, *flags):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_results.py"), "--runs",
+                               str(tmp_path / "runs"), "--out", str(tmp_path / out), *flags], capture_output=True, text=True)
+
     fake_run("llmdpd", 1, 0.2, 2000)
     fake_run("llmdpd", 2, 0.4, 2000)
     fake_run("llmdpd", 3, 1.0, 1000)  # still training: its last evaluation is not at its last step
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_results.py"), "--runs",
-                             str(tmp_path / "runs"), "--out", str(tmp_path / "results")], capture_output=True, text=True)
+    result = collect("results")
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout and "metaworld__llmdpd__3__100" in result.stdout
     table = (tmp_path / "results" / "results.md").read_text()
@@ -59,9 +62,7 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     assert (tmp_path / "results" / "metaworld_curves.png").stat().st_size > 0
 
     # --partial: the run still going is kept, and every run is cut at the last step all three evaluated at
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_results.py"), "--runs",
-                             str(tmp_path / "runs"), "--out", str(tmp_path / "partial"), "--partial"],
-                            capture_output=True, text=True)
+    result = collect("partial", "--partial")
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "partial" / "results.md").read_text()
     assert "Partial:" in table
