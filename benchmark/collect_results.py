@@ -32,6 +32,15 @@ def final_tag(env: str) -> str:
     return "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
 
 
+def seeds_cell(finals: list, decimals: int) -> str:
+    """A table cell: mean +- std over seeds, the value alone for one seed (no spread from one), "-" for none."""
+    if not finals:
+        return "-"
+    if len(finals) == 1:
+        return f"{finals[0]:.{decimals}f}"
+    return f"{np.mean(finals):.{decimals}f} ± {np.std(finals):.{decimals}f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="folder of run directories")
@@ -85,8 +94,7 @@ def main():
             cells = [name, ",".join(str(seed) for seed, _ in runs), "/".join(str(s) for s in steps)]
             for tag in tags:
                 finals = [100 * s[tag][-1][1] if metaworld else s[tag][-1][1] for _, s in runs if tag in s]
-                cells.append("-" if not finals else f"{finals[0]:.1f}" if len(finals) == 1 else
-                             f"{np.mean(finals):.1f} ± {np.std(finals):.1f}")  # no spread from one seed
+                cells.append(seeds_cell(finals, 1))
             lines.append("| " + " | ".join(cells) + " |")
             for axis, curve_tag in zip(axes[0], curve_tags):
                 curves = [dict(s[curve_tag]) for _, s in runs if curve_tag in s]
@@ -111,8 +119,7 @@ def main():
                 cells = [name]
                 for tag in return_tags:
                     finals = [s[tag][-1][1] for _, s in groups[(env, name)] if tag in s]
-                    cells.append("-" if not finals else f"{finals[0]:.0f}" if len(finals) == 1 else
-                                 f"{np.mean(finals):.0f} ± {np.std(finals):.0f}")
+                    cells.append(seeds_cell(finals, 0))
                 lines.append("| " + " | ".join(cells) + " |")
         figure.tight_layout()
         figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
