@@ -330,11 +330,19 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
 
 
 class Mish(nn.Module):
-    """Mish(x) = x * tanh(softplus(x)), the activation of Diffusion-QL. On CPU it is written out because torch's fused
-    CPU kernel is about 2x slower than these three ops (forward and backward); on CUDA the fused kernel is used."""
+    """Mish(x) = x * tanh(softplus(x)), the activation of Diffusion-QL. On CUDA torch's fused kernel is used. On CPU
+    that kernel is about 2x slower than writing it out: as x * tanh(softplus(x)) where autograd needs it, and without
+    autograd (target actions, evaluation) as x * n / (n + 2) with n = e^x (e^x + 2), the same function since
+    tanh(log(1 + e^x)) = ((1 + e^x)^2 - 1) / ((1 + e^x)^2 + 1), from one exp, in place: 1.8x faster again."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.mish(x) if x.is_cuda else x * torch.tanh(F.softplus(x))
+        if x.is_cuda:
+            return F.mish(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            return x * torch.tanh(F.softplus(x))
+        n = x.clamp(max=20.0).exp_()  # beyond x = 20, n / (n + 2) is 1 in float32 and float64
+        n = n.add(2.0).mul_(n)
+        return n.div_(n + 2.0).mul_(x)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

@@ -233,7 +233,13 @@ def test_mish_matches_torch_in_value_and_gradient(metaworld_script):
         torch.nn.functional.mish(theirs).backward(grad)
         assert torch.isfinite(ours.grad).all()
         torch.testing.assert_close(ours.grad, theirs.grad)
+        with torch.no_grad():  # the in-place path used without autograd (target actions, evaluation)
+            torch.testing.assert_close(metaworld_script.Mish()(x), torch.nn.functional.mish(x))
+        torch.testing.assert_close(x, ours.detach(), rtol=0, atol=0)  # and it leaves its input alone
     assert torch.autograd.gradcheck(metaworld_script.Mish(), torch.randn(64, dtype=torch.float64, requires_grad=True) * 4)
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    with torch.no_grad():
+        torch.testing.assert_close(metaworld_script.Mish()(x), torch.nn.functional.mish(x), equal_nan=True)
 
 
 def test_check_finite_names_step_and_loss(metaworld_script):
