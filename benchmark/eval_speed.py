@@ -6,12 +6,15 @@
 The policy is a freshly initialised LLMDPD agent (the cost of acting does not depend on training): both prompts
 on, `--candidates` actions sampled per state and picked by Q, as at evaluation. The batched loop steps all
 `--episodes` environments with one policy call per step; the baseline calls the policy once per env per step.
+For Meta-World it then times the parts (env.step, env.reset, a policy call for 1 and for `--episodes` states) and
+prints the best speed-up that batching could reach: never below the MuJoCo time of each env step.
 """
 import argparse
 import importlib.util
 import os
 import time
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +61,45 @@ def main():
     print(f"  batched            {batched:8.1f} env steps/s")
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")
+    if options.script == "metaworld":
+        breakdown(module, agent, llm_features, trajectory, options, 1e3 / single)
+
+
+def best_ms(fn, repeats: int = 5) -> float:
+    """Best-of-`repeats` wall time of fn() in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return min(times)
+
+
+def breakdown(module, agent, llm_features, trajectory, options, single_ms: float):
+    """Where the one-env loop's time per env step (`single_ms`) goes, and what batching can save of it: never the
+    MuJoCo time (env.step plus its share of env.reset), and with many candidates not the policy's arithmetic."""
+    envs, variations = module.evaluation_envs(options.task, options.episodes, 10_000_000 + 1)
+    for env, variation in zip(envs, variations):
+        env.set_task(variation)
+    reset_ms = best_ms(lambda: [env.reset() for env in envs]) / len(envs)
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, 4)).astype(np.float32)
+    step_ms = best_ms(lambda: [env.step(action) for env in envs for action in actions]) / (len(envs) * len(actions))
+    with torch.no_grad():
+        task_prompts = agent.policy.encode_prompts(llm_features[None], trajectory[None])
+    act_ms = {}
+    for n_states in (1, options.episodes):
+        obs = torch.randn(n_states, module.OBS_DIM)
+        agent.act(obs, task_prompts)
+        act_ms[n_states] = best_ms(lambda: [agent.act(obs, task_prompts) for _ in range(10)]) / 10
+    mujoco_ms = step_ms + reset_ms / options.max_episode_steps
+    batched_call_ms = act_ms[options.episodes] / options.episodes
+    print(f"  where the time goes: env.step {step_ms:.3f} ms, env.reset {reset_ms:.1f} ms, policy call "
+          f"{act_ms[1]:.2f} ms for 1 state and {act_ms[options.episodes]:.2f} ms for {options.episodes}")
+    print(f"  one env at a time: {single_ms:.2f} ms per env step, of which MuJoCo (step + share of reset) "
+          f"{mujoco_ms:.2f} ms")
+    print(f"  bound on the speed-up: {single_ms / mujoco_ms:.1f}x if the policy call were free, "
+          f"{single_ms / (mujoco_ms + batched_call_ms):.1f}x with this policy's batched call "
+          f"({batched_call_ms:.2f} ms per state)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The README's two commands and CI stay true to each other."""
+"""The README's two commands and CI stay true to each other; the benchmark scripts run."""
 import os
+import sys
 
 from conftest import ROOT
 
@@ -33,7 +34,6 @@ def test_requirements_pin_the_cpu_torch_wheel():
 
 def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     import subprocess
-    import sys
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -67,3 +67,15 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     table = (tmp_path / "partial" / "results.md").read_text()
     assert "Partial:" in table
     assert "| llmdpd | 1,2,3 | 1000 | 53.3 ± 34.0 | 53.3 ± 34.0 | 0.0 ± 0.0 |" in table, table
+
+
+def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
+    import re
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "eval_speed.py"), "--episodes", "2",
+                          "--max-episode-steps", "5", "--candidates", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    speed_up = float(re.search(r"speed-up\s+([\d.]+)x", out.stdout).group(1))
+    free, batched = map(float, re.search(r"bound on the speed-up: ([\d.]+)x .* ([\d.]+)x with", out.stdout).groups())
+    assert speed_up > 0 and free >= batched > 0
