@@ -62,7 +62,7 @@ def main():
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")
     if options.script == "metaworld":
-        breakdown(module, agent, llm_features, trajectory, options, 1e3 / single)
+        breakdown(module, agent, llm_features, trajectory, options, args.seed, 1e3 / single)
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -75,10 +75,10 @@ def best_ms(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def breakdown(module, agent, llm_features, trajectory, options, single_ms: float):
+def breakdown(module, agent, llm_features, trajectory, options, seed: int, single_ms: float):
     """Where the one-env loop's time per env step (`single_ms`) goes, and what batching can save of it: never the
     MuJoCo time (env.step plus its share of env.reset), and with many candidates not the policy's arithmetic."""
-    envs, variations = module.evaluation_envs(options.task, options.episodes, 10_000_000 + 1)
+    envs, variations = module.evaluation_envs(options.task, options.episodes, 10_000_000 + seed)  # the run's own envs
     for env, variation in zip(envs, variations):
         env.set_task(variation)
     reset_ms = best_ms(lambda: [env.reset() for env in envs]) / len(envs)
