@@ -82,7 +82,7 @@ def breakdown(module, agent, llm_features, trajectory, options, seed: int, singl
     for env, variation in zip(envs, variations):
         env.set_task(variation)
     reset_ms = best_ms(lambda: [env.reset() for env in envs]) / len(envs)
-    actions = np.random.default_rng(0).uniform(-1, 1, (20, 4)).astype(np.float32)
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, module.ACT_DIM)).astype(np.float32)
     step_ms = best_ms(lambda: [env.step(action) for env in envs for action in actions]) / (len(envs) * len(actions))
     with torch.no_grad():
         task_prompts = agent.policy.encode_prompts(llm_features[None], trajectory[None])

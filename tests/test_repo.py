@@ -1,5 +1,7 @@
 """The README's two commands and CI stay true to each other; the benchmark scripts run."""
 import os
+import re
+import subprocess
 import sys
 
 from conftest import ROOT
@@ -33,8 +35,6 @@ def test_requirements_pin_the_cpu_torch_wheel():
 
 
 def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
-    import subprocess
-
     from torch.utils.tensorboard import SummaryWriter
 
     def fake_run(name, seed, sweep_success, last_eval_step, last_train_step=2000):
@@ -70,9 +70,6 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
 
 
 def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
-    import re
-    import subprocess
-
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "eval_speed.py"), "--episodes", "2",
                           "--max-episode-steps", "5", "--candidates", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
