@@ -275,7 +275,8 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModel.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device).eval()
+            # weights go straight to `device` (no full copy in host memory first: 16 GB for an 8B model in bf16)
+            model = AutoModel.from_pretrained(source, dtype=torch_dtype, device_map=device, **kwargs).eval()
         except Exception as error:  # noqa: BLE001 - every loading failure gets the same advice
             raise LLMLoadError(
                 f"--llm {llm!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "

@@ -8,6 +8,7 @@ on, `--candidates` actions sampled per state and picked by Q, as at evaluation. 
 `--episodes` environments with one policy call per step; the baseline calls the policy once per env per step.
 For Meta-World it then times the parts (env.step, env.reset, a policy call for 1 and for `--episodes` states) and
 prints the best speed-up that batching could reach: never below the MuJoCo time of each env step.
+`--cuda` puts the policy on the GPU (the environments stay on the CPU, as in the scripts' evaluation).
 """
 import argparse
 import importlib.util
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--max-episode-steps", type=int, default=100, help="Meta-World episode length for the timing")
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cuda", action="store_true", help="policy on the GPU")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     path = os.path.join(HERE, "..", f"llmdpd_{options.script}.py")
@@ -35,7 +37,8 @@ def main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
-    device = torch.device("cpu")
+    device = torch.device("cuda" if options.cuda else "cpu")
+    torch.set_float32_matmul_precision("high")  # as the scripts set it
     if options.script == "metaworld":
         args = module.Args(eval_episodes=options.episodes, eval_candidates=options.candidates,
                            max_episode_steps=options.max_episode_steps)
@@ -57,12 +60,13 @@ def main():
 
     run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run)
     batched, single = run(None), run(1)
-    print(f"{options.script} eval, {options.episodes} episodes, {options.candidates} candidates, {options.threads} thread(s):")
+    print(f"{options.script} eval, {options.episodes} episodes, {options.candidates} candidates, {options.threads} thread(s), "
+          f"policy on {device.type}:")
     print(f"  batched            {batched:8.1f} env steps/s")
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")
     if options.script == "metaworld":
-        breakdown(module, agent, llm_features, trajectory, options, args.seed, 1e3 / single)
+        breakdown(module, agent, llm_features, trajectory, options, args.seed, 1e3 / single, device)
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -75,7 +79,7 @@ def best_ms(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def breakdown(module, agent, llm_features, trajectory, options, seed: int, single_ms: float):
+def breakdown(module, agent, llm_features, trajectory, options, seed: int, single_ms: float, device: torch.device):
     """Where the one-env loop's time per env step (`single_ms`) goes, and what batching can save of it: never the
     MuJoCo time (env.step plus its share of env.reset), and with many candidates not the policy's arithmetic."""
     envs, variations = module.evaluation_envs(options.task, options.episodes, 10_000_000 + seed)  # the run's own envs
@@ -85,12 +89,16 @@ def breakdown(module, agent, llm_features, trajectory, options, seed: int, singl
     actions = np.random.default_rng(0).uniform(-1, 1, (20, module.ACT_DIM)).astype(np.float32)
     step_ms = best_ms(lambda: [env.step(action) for env in envs for action in actions]) / (len(envs) * len(actions))
     with torch.no_grad():
-        task_prompts = agent.policy.encode_prompts(llm_features[None], trajectory[None])
+        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
     act_ms = {}
-    for n_states in (1, options.episodes):
-        obs = torch.randn(n_states, module.OBS_DIM)
-        agent.act(obs, task_prompts)
-        act_ms[n_states] = best_ms(lambda: [agent.act(obs, task_prompts) for _ in range(10)]) / 10
+    for n_states in (1, options.episodes):  # from host states to host actions, as each evaluation step does
+        obs = np.random.default_rng(1).standard_normal((n_states, module.OBS_DIM)).astype(np.float32)
+
+        def policy_call():
+            return agent.act(torch.as_tensor(obs, device=device), task_prompts).cpu().numpy()
+
+        policy_call()
+        act_ms[n_states] = best_ms(lambda: [policy_call() for _ in range(10)]) / 10
     mujoco_ms = step_ms + reset_ms / options.max_episode_steps
     batched_call_ms = act_ms[options.episodes] / options.episodes
     print(f"  where the time goes: env.step {step_ms:.3f} ms, env.reset {reset_ms:.1f} ms, policy call "

@@ -6,6 +6,8 @@ Both run at Meta-World dims (obs 39, act 4), batch 256, T=5, with the same threa
 benchmark run (reference, ours, reference, ours, ...), each repeat in a fresh process; the median of the
 repeats is reported, and the ratio of medians. Ours runs with both prompts on (3 seen tasks, a 576-d LLM
 feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets.
+`--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it); the reference has no GPU option,
+so it then stays on the CPU and no ratio is printed.
 """
 import argparse
 import json
@@ -22,18 +24,22 @@ import importlib.util, sys, time, json, random
 import torch
 spec = importlib.util.spec_from_file_location("llmdpd", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
-steps, threads, flags = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+steps, threads, flags, device = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), torch.device(sys.argv[5])
 if threads: torch.set_num_threads(threads)
 torch.manual_seed(0); random.seed(0)
 args = m.Args(**flags)
 n_tasks, n = 3, 100_000
 llm_features, trajectories = torch.randn(n_tasks, 576), torch.randn(n_tasks, args.traj_prompt_len, m.OBS_DIM + m.ACT_DIM)
-agent = m.Agent(m.OBS_DIM, m.ACT_DIM, llm_features if args.text_prompt else None, args, torch.device("cpu"))
+torch.set_float32_matmul_precision("high")  # as the script sets it (TF32 matmuls on CUDA)
+agent = m.Agent(m.OBS_DIM, m.ACT_DIM, llm_features if args.text_prompt else None, args, device)
+llm_features, trajectories = llm_features.to(device), trajectories.to(device)
 replay = dict(obs=torch.randn(n, m.OBS_DIM), actions=torch.rand(n, m.ACT_DIM) * 2 - 1, rewards=torch.randn(n),
-              next_obs=torch.randn(n, m.OBS_DIM), not_done=torch.ones(n), task_idx=torch.randint(n_tasks, (n,)),
-              task_start=[0, n // 3, 2 * n // 3, n])
+              next_obs=torch.randn(n, m.OBS_DIM), not_done=torch.ones(n), task_idx=torch.randint(n_tasks, (n,)))
+replay = {key: value.to(device) for key, value in replay.items()}
+replay["task_start"] = [0, n // 3, 2 * n // 3, n]
 for step in range(20):
-    agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+    losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+losses.tolist()  # waits for the GPU's queue to drain before the clock starts
 start = time.perf_counter()
 for step in range(20, 20 + steps):
     losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
@@ -48,8 +54,8 @@ VARIANTS = {
 }
 
 
-def run_ours(flags: dict, steps: int, threads: int) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags)],
+def run_ours(flags: dict, steps: int, threads: int, device: str) -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["sps"]
 
@@ -67,18 +73,23 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cuda", action="store_true", help="run ours on the GPU (the reference stays on the CPU)")
     options = parser.parse_args()
+    device = "cuda" if options.cuda else "cpu"
     for threads in options.threads:
         sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
         for _ in range(options.repeats):
             if options.reference:
                 sps["reference"].append(run_reference(options.reference, options.steps, threads))
             for name in options.variant:
-                sps[name].append(run_ours(VARIANTS[name], options.steps, threads))
+                sps[name].append(run_ours(VARIANTS[name], options.steps, threads, device))
         medians = {name: statistics.median(values) for name, values in sps.items()}
         for name, values in sps.items():
             ratio = f"  {medians[name] / medians['reference']:.2f}x reference" if options.reference else ""
-            print(f"threads={threads} {name:<16} median {medians[name]:6.1f} steps/s  "
+            where = "cpu" if name == "reference" else device
+            if options.cuda:
+                ratio = ""  # GPU against CPU is no like-for-like ratio
+            print(f"threads={threads} {where:<4} {name:<16} median {medians[name]:6.1f} steps/s  "
                   f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}", flush=True)
 
 

