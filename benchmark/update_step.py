@@ -7,7 +7,8 @@ benchmark run (reference, ours, reference, ours, ...), each repeat in a fresh pr
 repeats is reported, and the ratio of medians. Ours runs with both prompts on (3 seen tasks, a 576-d LLM
 feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets.
 `--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it); the reference has no GPU option,
-so it then stays on the CPU and no ratio is printed.
+so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant and prints
+the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is).
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ import torch
 spec = importlib.util.spec_from_file_location("llmdpd", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 steps, threads, flags, device = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), torch.device(sys.argv[5])
+profile_steps = int(sys.argv[6])
 if threads: torch.set_num_threads(threads)
 torch.manual_seed(0); random.seed(0)
 args = m.Args(**flags)
@@ -44,7 +46,22 @@ start = time.perf_counter()
 for step in range(20, 20 + steps):
     losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
 losses.tolist()
-print(json.dumps({"sps": steps / (time.perf_counter() - start)}))
+sps = steps / (time.perf_counter() - start)
+if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how much of the wall time kernels run
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for step in range(20 + steps, 20 + steps + profile_steps):
+            losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+        losses.tolist()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_ms = sum(e.device_time for e in kernels) / 1e3 / profile_steps
+        print(f"per step: {len(kernels) / profile_steps:.0f} GPU kernels, {kernel_ms:.2f} ms of kernel time in a "
+              f"{1e3 / sps:.2f} ms step: the GPU is busy {kernel_ms * sps / 10:.0f}% of the time")
+print(json.dumps({"sps": sps}))
 """
 
 VARIANTS = {
@@ -54,10 +71,13 @@ VARIANTS = {
 }
 
 
-def run_ours(flags: dict, steps: int, threads: int, device: str) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["sps"]
+def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0) -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device,
+                          str(profile_steps)], capture_output=True, text=True, check=True).stdout
+    *profile_report, result = out.strip().splitlines()
+    if profile_steps:
+        print("\n".join(profile_report), flush=True)
+    return json.loads(result)["sps"]
 
 
 def run_reference(path: str, steps: int, threads: int) -> float:
@@ -74,8 +94,14 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cuda", action="store_true", help="run ours on the GPU (the reference stays on the CPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many more steps of each variant once and print where the time goes")
     options = parser.parse_args()
     device = "cuda" if options.cuda else "cpu"
+    if options.profile:
+        for name in options.variant:
+            print(f"--- profile of {name} on {device}, {options.threads[0]} thread(s)", flush=True)
+            run_ours(VARIANTS[name], 20, options.threads[0], device, options.profile)
     for threads in options.threads:
         sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
         for _ in range(options.repeats):

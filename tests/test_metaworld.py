@@ -69,11 +69,12 @@ def test_repeat_run_does_not_load_the_llm(tiny_run, tiny_llm, shared_dirs, tmp_p
 
 
 def test_eval_only_from_checkpoint(tiny_run, shared_dirs):
+    """Evaluated on the CPU whatever trained it: on a GPU machine this loads a checkpoint written from CUDA."""
     cwd, _ = tiny_run
     checkpoint = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0]
     result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach", "push",
                         "--test-tasks", "door-lock", "--eval-episodes", "2", "--max-episode-steps", "20",
-                        "--dataset-dir", shared_dirs["datasets"], cwd=cwd)
+                        "--dataset-dir", shared_dirs["datasets"], "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "door-lock" in result.stdout and "unseen mean" in result.stdout
 
