@@ -275,7 +275,7 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            # weights go straight to `device` (no full copy in host memory first: 16 GB for an 8B model in bf16)
+            # device_map: each weight is loaded onto `device` as it is read, not into a whole host copy first
             model = AutoModel.from_pretrained(source, dtype=torch_dtype, device_map=device, **kwargs).eval()
         except Exception as error:  # noqa: BLE001 - every loading failure gets the same advice
             raise LLMLoadError(
