@@ -435,8 +435,8 @@ class NoiseMLP(nn.Module):
     def condition(self, obs: torch.Tensor, task_prompts: Optional[torch.Tensor], task_idx: torch.Tensor) -> torch.Tensor:
         """First-layer features of (s, z): (B, hidden). task_prompts is (tasks, prompt_dim), task_idx is (B,)."""
         features = self.obs_layer(obs)
-        if self.prompt_layer is not None:
-            features = features + self.prompt_layer(task_prompts)[task_idx]
+        if self.prompt_layer is not None:  # index_select, not [task_idx]: its CPU backward is 13x faster on 2 threads
+            features = features + self.prompt_layer(task_prompts).index_select(0, task_idx)
         return features
 
     def forward(self, noisy_action: torch.Tensor, k: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -555,7 +555,7 @@ class QNetwork(nn.Module):
     def forward(self, obs, action, task_prompts, task_idx):
         features = self.input_layer(torch.cat([obs, action], dim=-1))
         if self.prompt_layer is not None:
-            features = features + self.prompt_layer(task_prompts)[task_idx]
+            features = features + self.prompt_layer(task_prompts).index_select(0, task_idx)
         return self.body(features).squeeze(-1)
 
 
