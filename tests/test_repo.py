@@ -76,3 +76,12 @@ def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
     speed_up = float(re.search(r"speed-up\s+([\d.]+)x", out.stdout).group(1))
     free, batched = map(float, re.search(r"bound on the speed-up: ([\d.]+)x .* ([\d.]+)x with", out.stdout).groups())
     assert speed_up > 0 and free >= batched > 0
+
+
+def test_update_step_benchmark_prints_steps_per_second_and_a_profile():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "update_step.py"), "--variant", "llmdpd",
+                          "--threads", "1", "--steps", "2", "--repeats", "1", "--profile", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--- profile of llmdpd on cpu" in out.stdout and "aten::addmm" in out.stdout  # the busiest ops
+    assert float(re.search(r"threads=1 cpu  llmdpd\s+median\s+([\d.]+) steps/s", out.stdout).group(1)) > 0
