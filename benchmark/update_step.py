@@ -39,21 +39,19 @@ replay = dict(obs=torch.randn(n, m.OBS_DIM), actions=torch.rand(n, m.ACT_DIM) * 
               next_obs=torch.randn(n, m.OBS_DIM), not_done=torch.ones(n), task_idx=torch.randint(n_tasks, (n,)))
 replay = {key: value.to(device) for key, value in replay.items()}
 replay["task_start"] = [0, n // 3, 2 * n // 3, n]
-for step in range(20):
-    losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
-losses.tolist()  # waits for the GPU's queue to drain before the clock starts
+def train(first_step, n_steps):
+    for step in range(first_step, first_step + n_steps):
+        losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+    losses.tolist()  # waits for the GPU's queue to drain
+train(0, 20)  # warm-up
 start = time.perf_counter()
-for step in range(20, 20 + steps):
-    losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
-losses.tolist()
+train(20, steps)
 sps = steps / (time.perf_counter() - start)
 if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how much of the wall time kernels run
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for step in range(20 + steps, 20 + steps + profile_steps):
-            losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
-        losses.tolist()
+        train(20 + steps, profile_steps)
     averages = prof.key_averages()
     print(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12))
     if cuda:
