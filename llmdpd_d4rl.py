@@ -43,6 +43,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    cuda_graph: bool = True
+    """on CUDA, record the update step once as a CUDA graph and replay it (not with --lr-decay)"""
     threads: int = 0
     """CPU threads for torch (0: torch's default). Small matrices can run faster on 1 thread on a busy machine"""
     track: bool = False
@@ -548,23 +550,31 @@ class Agent:
         self.args = args
         self.policy = Policy(obs_dim, act_dim, seen_task_llm_features, args).to(device)
         self.policy_ema = copy.deepcopy(self.policy).requires_grad_(False)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.actor_lr, fused=True)
+        # capturable: the step counts live on the device, so that a CUDA graph can record the optimizer step
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.actor_lr, fused=True, capturable=True)
         self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(self.policy_optimizer, args.total_steps, 0.0)]
         self.critic = self.critic_target = self.critic_optimizer = None
         if args.eta > 0:  # eta = 0 is pure diffusion behaviour cloning: no critic at all
             critic_prompt_dim = self.policy.prompt_dim if args.critic_prompt else 0
             self.critic = TwinQ(obs_dim, act_dim, critic_prompt_dim, args.hidden_dim).to(device)
             self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True,
+                                                     capturable=True)
             self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(self.critic_optimizer, args.total_steps, 0.0))
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
 
+    @property
+    def optimizers(self) -> list:
+        return [optimizer for optimizer in (self.policy_optimizer, self.critic_optimizer) if optimizer is not None]
+
     def critic_prompts(self, task_prompts):
         return task_prompts.detach() if (self.args.critic_prompt and task_prompts is not None) else None
 
-    def update(self, step: int, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
-        """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx). Returns the losses, not synced."""
+    def update(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
+        """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx). Returns the losses, not synced.
+        Nothing here reads the host or branches on data, so on CUDA it can be recorded once and replayed (see
+        CUDAGraphUpdate); what changes between steps on the host (EMA schedule, learning rates) is in `after_update`."""
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
         # Eq. 1 and 3, once per task per step (not per sample): (tasks, prompt_dim)
         task_prompts = self.policy.encode_prompts(llm_features, trajectories)
@@ -594,28 +604,34 @@ class Agent:
             # Eq. 7: Q of actions from the policy (full reverse chain, or the one-step estimate)
             new_actions = one_step_actions if args.one_step_action else self.policy.diffusion.sample(condition)
             q1_new, q2_new = self.critic(obs, new_actions, critic_prompts, task_idx)
-            # Eq. 8 with Diffusion-QL's lambda = eta / mean|Q_other|, the critic drawn at random (Alg. 1, line 9)
-            if random.random() < 0.5:
-                q_loss = -q1_new.mean() / q2_new.abs().mean().detach()
-            else:
-                q_loss = -q2_new.mean() / q1_new.abs().mean().detach()
+            # Eq. 8 with Diffusion-QL's lambda = eta / mean|Q_other|, the critic drawn at random (Alg. 1, line 9);
+            # the coin is drawn on the device, so that a CUDA graph of this step draws it anew at every replay
+            q1_loss = -q1_new.mean() / q2_new.abs().mean().detach()
+            q2_loss = -q2_new.mean() / q1_new.abs().mean().detach()
+            q_loss = torch.where(torch.rand((), device=obs.device) < 0.5, q1_loss, q2_loss)
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
         self.policy_optimizer.zero_grad(set_to_none=True)
         policy_loss.backward(inputs=self.policy_params)  # no gradients for the critic's weights here
         if args.grad_norm > 0:
             nn.utils.clip_grad_norm_(self.policy_params, args.grad_norm)
         self.policy_optimizer.step()
+        if self.critic is not None:  # target critics
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
+        return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
+
+    @torch.no_grad()
+    def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
+        """After the update of step `step`: the EMA policy (Diffusion-QL: every 5 steps from step 1000) and the
+        learning-rate schedule. The EMA prompt embeddings are refreshed in place, where a CUDA graph reads them."""
+        args = self.args
+        if step % args.ema_every == 0 and step >= args.ema_start:
+            torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - args.ema_decay)
+            if self.ema_prompts is not None:
+                self.ema_prompts.copy_(self.policy_ema.encode_prompts(llm_features, trajectories))
         if args.lr_decay:
             for scheduler in self.schedulers:
                 scheduler.step()
-
-        with torch.no_grad():  # EMA policy (Diffusion-QL: every 5 steps from step 1000) and target critics
-            if step % args.ema_every == 0 and step >= args.ema_start:
-                torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - args.ema_decay)
-                self.ema_prompts = None
-            if self.critic is not None:
-                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
-        return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_prompts: Optional[torch.Tensor]) -> torch.Tensor:
@@ -649,7 +665,52 @@ class Agent:
             part.load_state_dict(state[name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
+        for optimizer in self.optimizers:  # loading restores the saved flag, False in checkpoints before capturable
+            for group in optimizer.param_groups:
+                group["capturable"] = True
         self.ema_prompts = None
+
+
+class CUDAGraphUpdate:
+    """Agent.update recorded once as a CUDA graph and then replayed. At these sizes a GPU step is bound by launching
+    its ~1100 small kernels from Python, not by running them (README, GPU section); a replay launches them all at once.
+    As torch.cuda.graph asks, the first `warmup_steps` updates run as usual on a side stream (lazy initialisation,
+    optimizer state) before the recording. Every replay reads its batch from the same tensors, so each new batch is
+    copied into them. Random draws (diffusion steps, noise, the coin of Eq. 8) are drawn anew at every replay."""
+
+    def __init__(self, agent: Agent, warmup_steps: int = 3):
+        self.agent, self.warmup_steps, self.calls, self.graph = agent, warmup_steps, 0, None
+
+    def __call__(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= self.warmup_steps:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                losses = self.agent.update(batch, llm_features, trajectories)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return losses
+        if self.graph is None:
+            self.inputs = ({key: value.clone() for key, value in batch.items()}, llm_features, trajectories)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses = self.agent.update(*self.inputs)
+        if llm_features is not self.inputs[1] or trajectories is not self.inputs[2]:
+            raise ValueError("CUDAGraphUpdate: the prompt tensors must be the same tensors at every step")
+        for key, value in batch.items():
+            self.inputs[0][key].copy_(value)
+        self.graph.replay()
+        return self.losses.clone()
+
+
+def update_function(agent: Agent, device: torch.device):
+    """The update of each training step: on CUDA its CUDA-graph replay, unless --no-cuda-graph or --lr-decay (a
+    recorded optimizer step keeps the learning rate it was recorded with); elsewhere Agent.update itself."""
+    if device.type == "cuda" and agent.args.cuda_graph:
+        if not agent.args.lr_decay:
+            return CUDAGraphUpdate(agent)
+        print("note: --lr-decay changes the learning rate at every step, so the update runs without a CUDA graph")
+    return agent.update
 
 
 def trajectory_prompt(obs: np.ndarray, actions: np.ndarray, prompt_len: int) -> torch.Tensor:
@@ -992,10 +1053,12 @@ def main(args: Args):
     # Algorithm 1 (one task: every batch comes from this environment's data)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     train_seconds, window_start, window_losses = 0.0, start_step, []
+    update = update_function(agent, device)
     tick = time.time()
     for step in range(start_step, args.total_steps):
         batch = sample_batch(replay, args.batch_size)
-        window_losses.append(agent.update(step, batch, llm_features, trajectories))
+        window_losses.append(update(batch, llm_features, trajectories))
+        agent.after_update(step, llm_features, trajectories)
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.total_steps
         save_now = args.save_every > 0 and done % args.save_every == 0

@@ -39,9 +39,11 @@ replay = dict(obs=torch.randn(n, m.OBS_DIM), actions=torch.rand(n, m.ACT_DIM) * 
               next_obs=torch.randn(n, m.OBS_DIM), not_done=torch.ones(n), task_idx=torch.randint(n_tasks, (n,)))
 replay = {key: value.to(device) for key, value in replay.items()}
 replay["task_start"] = [0, n // 3, 2 * n // 3, n]
+update = m.update_function(agent, device)  # as the script trains: a CUDA-graph replay on CUDA, unless --no-cuda-graph
 def train(first_step, n_steps):
     for step in range(first_step, first_step + n_steps):
-        losses = agent.update(step, m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+        losses = update(m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+        agent.after_update(step, llm_features, trajectories)
     losses.tolist()  # waits for the GPU's queue to drain
 train(0, 20)  # warm-up
 start = time.perf_counter()
@@ -66,6 +68,8 @@ VARIANTS = {
     "llmdpd": {},
     "llmdpd-one-step": {"one_step_action": True},
     "no-prompts": {"text_prompt": False, "traj_prompt": False},
+    "llmdpd-no-graph": {"cuda_graph": False},  # on CUDA: every kernel launched from Python (on the CPU: as llmdpd)
+    "llmdpd-one-step-no-graph": {"one_step_action": True, "cuda_graph": False},
 }
 
 

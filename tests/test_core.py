@@ -167,7 +167,8 @@ def test_policy_loss_ascends_q_as_in_eq8(metaworld_script):
     batch = dict(obs=torch.randn(64, 5), actions=torch.zeros(64, 2), rewards=torch.zeros(64), next_obs=torch.randn(64, 5),
                  not_done=torch.ones(64), task_idx=torch.randint(2, (64,)))
     for step in range(150):
-        losses = agent.update(step, batch, llm_features, trajectories)
+        losses = agent.update(batch, llm_features, trajectories)
+        agent.after_update(step, llm_features, trajectories)
     assert losses[2] < 0  # q_loss = -Q / mean|Q| is negative while Q > 0
     with torch.no_grad():
         prompts = agent.policy.encode_prompts(llm_features, trajectories)
@@ -180,7 +181,7 @@ def test_eta_zero_is_pure_behaviour_cloning(metaworld_script):
     assert agent.critic is None
     batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.zeros(32),
                  next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
-    losses = agent.update(0, batch, llm_features, trajectories)
+    losses = agent.update(batch, llm_features, trajectories)
     assert losses[0] == 0 and losses[2] == 0 and losses[1] > 0
     assert agent.act(torch.randn(3, 5), agent.policy.encode_prompts(llm_features[:1], trajectories[:1])).shape == (3, 2)
 
@@ -194,7 +195,7 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.randn(32),
                  next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
     before = {name: p.clone() for name, p in agent.policy.named_parameters()}
-    losses = agent.update(0, batch, llm_features, trajectories)
+    losses = agent.update(batch, llm_features, trajectories)
     assert torch.isfinite(losses).all()
     changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
     assert ("text_head" in changed) == agent.args.text_prompt
@@ -286,10 +287,47 @@ def test_cuda_computes_what_the_cpu_does(script_name, request):
     batch = dict(obs=obs, actions=actions, rewards=torch.randn(64), next_obs=torch.randn(64, 5), not_done=torch.ones(64),
                  task_idx=task_idx)
     batch = {key: value.to(cuda) for key, value in batch.items()}
-    losses = torch.stack([gpu_agent.update(step, batch, llm_features.to(cuda), trajectories.to(cuda))
-                          for step in range(20)])
+    llm_features, trajectories = llm_features.to(cuda), trajectories.to(cuda)
+    losses = []
+    for step in range(20):
+        losses.append(gpu_agent.update(batch, llm_features, trajectories))
+        gpu_agent.after_update(step, llm_features, trajectories)
+    losses = torch.stack(losses)
     assert losses.is_cuda and torch.isfinite(losses).all()
     with torch.no_grad():
-        prompts = gpu_agent.policy.encode_prompts(llm_features.to(cuda), trajectories.to(cuda))
+        prompts = gpu_agent.policy.encode_prompts(llm_features, trajectories)
     chosen = gpu_agent.act(obs[:7].to(cuda), prompts[:1])
     assert chosen.shape == (7, 2) and chosen.is_cuda and chosen.abs().max() <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")
+@pytest.mark.parametrize("flags", [dict(), dict(one_step_action=True), dict(text_prompt=False, traj_prompt=False),
+                                   dict(eta=0.0)])
+def test_cuda_graph_replays_the_update(metaworld_script, flags):
+    """CUDAGraphUpdate (the default on CUDA) leaves the weights and losses that the same updates leave without a
+    graph: a new batch at every replay, the same random draws, the EMA policy's prompts refreshed in place."""
+    script, cuda = metaworld_script, torch.device("cuda")
+    torch.manual_seed(0)
+    cpu_agent, llm_features, trajectories = make_agent(script, ema_start=0, ema_every=2, **flags)
+    args, llm_features, trajectories = cpu_agent.args, llm_features.to(cuda), trajectories.to(cuda)
+    batches = [dict(obs=torch.randn(64, 5), actions=torch.rand(64, 2) * 2 - 1, rewards=torch.randn(64),
+                    next_obs=torch.randn(64, 5), not_done=(torch.rand(64) > 0.1).float(), task_idx=torch.randint(2, (64,)))
+               for _ in range(10)]
+    results = []
+    for graphed in (False, True):
+        agent = script.Agent(5, 2, llm_features.cpu() if args.text_prompt else None, args, cuda)
+        agent.load_state_dict(cpu_agent.state_dict())
+        update = script.CUDAGraphUpdate(agent) if graphed else agent.update
+        torch.cuda.manual_seed(1)
+        losses = []
+        for step, batch in enumerate(batches):
+            losses.append(update({key: value.to(cuda) for key, value in batch.items()}, llm_features, trajectories))
+            agent.after_update(step, llm_features, trajectories)
+        weights = torch.cat([p.detach().flatten() for part in ("policy", "policy_ema", "critic", "critic_target")
+                             if getattr(agent, part) is not None for p in getattr(agent, part).parameters()])
+        results.append((torch.stack(losses), weights))
+    assert update.graph is not None and update.calls == len(batches) > update.warmup_steps
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = results
+    assert not torch.equal(eager_losses[-1], eager_losses[-2])  # new batches and draws at every step
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graph_weights, eager_weights, rtol=1e-4, atol=1e-4)
