@@ -6,8 +6,9 @@ Both run at Meta-World dims (obs 39, act 4), batch 256, T=5, with the same threa
 benchmark run (reference, ours, reference, ours, ...), each repeat in a fresh process; the median of the
 repeats is reported, and the ratio of medians. Ours runs with both prompts on (3 seen tasks, a 576-d LLM
 feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets.
-`--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it); the reference has no GPU option,
-so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant and prints
+`--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it), each update replayed from a CUDA
+graph as the script trains (the `-no-graph` variants launch every kernel from Python); the reference has no GPU
+option, so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant and prints
 the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is).
 """
 import argparse
