@@ -938,7 +938,8 @@ def main(args: Args):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs
-            args = Args(**{**asdict(saved), "resume": args.resume, "cuda": args.cuda, "threads": args.threads})
+            args = Args(**{**asdict(saved), "resume": args.resume, "cuda": args.cuda, "cuda_graph": args.cuda_graph,
+                           "threads": args.threads})
         else:  # evaluate the saved model (its reference scores were saved in its arguments)
             overrides = ("eval_episodes", "eval_candidates", "seed", "cuda", "threads", "eval_only", "checkpoint")
             args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}, "dataset_path": None, "minari_id": None,

@@ -1009,7 +1009,8 @@ def main(args: Args):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs
-            args = Args(**{**asdict(saved), "resume": args.resume, "cuda": args.cuda, "threads": args.threads})
+            args = Args(**{**asdict(saved), "resume": args.resume, "cuda": args.cuda, "cuda_graph": args.cuda_graph,
+                           "threads": args.threads})
         else:  # evaluate the saved model on the tasks named now
             args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in ("train_tasks", "test_tasks", "eval_episodes",
                     "eval_candidates", "max_episode_steps", "seed", "cuda", "threads", "eval_only", "checkpoint")}})
