@@ -573,7 +573,7 @@ class Agent:
 
     def update(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
         """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx). Returns the losses, not synced.
-        Nothing here reads the host or branches on data, so on CUDA it can be recorded once and replayed (see
+        On CUDA nothing here reads the host or branches on data, so it can be recorded once and replayed (see
         CUDAGraphUpdate); what changes between steps on the host (EMA schedule, learning rates) is in `after_update`."""
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
         # Eq. 1 and 3, once per task per step (not per sample): (tasks, prompt_dim)
@@ -604,11 +604,13 @@ class Agent:
             # Eq. 7: Q of actions from the policy (full reverse chain, or the one-step estimate)
             new_actions = one_step_actions if args.one_step_action else self.policy.diffusion.sample(condition)
             q1_new, q2_new = self.critic(obs, new_actions, critic_prompts, task_idx)
-            # Eq. 8 with Diffusion-QL's lambda = eta / mean|Q_other|, the critic drawn at random (Alg. 1, line 9);
-            # the coin is drawn on the device, so that a CUDA graph of this step draws it anew at every replay
-            q1_loss = -q1_new.mean() / q2_new.abs().mean().detach()
-            q2_loss = -q2_new.mean() / q1_new.abs().mean().detach()
-            q_loss = torch.where(torch.rand((), device=obs.device) < 0.5, q1_loss, q2_loss)
+            # Eq. 8 with Diffusion-QL's lambda = eta / mean|Q_other|, the critic drawn at random (Alg. 1, line 9)
+            if obs.is_cuda:  # the coin drawn on the device, so that a CUDA graph of this step redraws it at each replay
+                use_q1 = torch.rand((), device=obs.device) < 0.5
+                q_new, q_other = torch.where(use_q1, q1_new, q2_new), torch.where(use_q1, q2_new, q1_new)
+            else:  # a Python coin: selecting on the device costs 2-4% of a CPU step
+                q_new, q_other = (q1_new, q2_new) if random.random() < 0.5 else (q2_new, q1_new)
+            q_loss = -q_new.mean() / q_other.abs().mean().detach()
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
         self.policy_optimizer.zero_grad(set_to_none=True)
         policy_loss.backward(inputs=self.policy_params)  # no gradients for the critic's weights here
