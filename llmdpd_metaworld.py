@@ -582,16 +582,14 @@ class Agent:
         self.args = args
         self.policy = Policy(obs_dim, act_dim, seen_task_llm_features, args).to(device)
         self.policy_ema = copy.deepcopy(self.policy).requires_grad_(False)
-        # capturable: the step counts live on the device, so that a CUDA graph can record the optimizer step
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.actor_lr, fused=True, capturable=True)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.actor_lr, fused=True)
         self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(self.policy_optimizer, args.total_steps, 0.0)]
         self.critic = self.critic_target = self.critic_optimizer = None
         if args.eta > 0:  # eta = 0 is pure diffusion behaviour cloning: no critic at all
             critic_prompt_dim = self.policy.prompt_dim if args.critic_prompt else 0
             self.critic = TwinQ(obs_dim, act_dim, critic_prompt_dim, args.hidden_dim).to(device)
             self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True,
-                                                     capturable=True)
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
             self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(self.critic_optimizer, args.total_steps, 0.0))
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
@@ -699,9 +697,9 @@ class Agent:
             part.load_state_dict(state[name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
-        for optimizer in self.optimizers:  # loading restores the saved flag, False in checkpoints before capturable
+        for optimizer in self.optimizers:  # set by CUDAGraphUpdate when it records the step, not part of the model
             for group in optimizer.param_groups:
-                group["capturable"] = True
+                group["capturable"] = False
         self.ema_prompts = None
 
 
@@ -710,31 +708,37 @@ class CUDAGraphUpdate:
     its ~1100 small kernels from Python, not by running them (README, GPU section); a replay launches them all at once.
     As torch.cuda.graph asks, the first `warmup_steps` updates run as usual on a side stream (lazy initialisation,
     optimizer state) before the recording. Every replay reads its batch from the same tensors, so each new batch is
-    copied into them. Random draws (diffusion steps, noise, the coin of Eq. 8) are drawn anew at every replay."""
+    copied into them. Random draws (diffusion steps, noise, the coin of Eq. 8) are drawn anew at every replay.
+    The graph reads the weights, optimizer state and EMA prompts it was recorded with: load checkpoints before."""
 
     def __init__(self, agent: Agent, warmup_steps: int = 3):
         self.agent, self.warmup_steps, self.calls, self.graph = agent, warmup_steps, 0, None
+        self.side_stream = torch.cuda.Stream()
+        self.static_batch = self.static_prompt_inputs = self.static_losses = None
 
     def __call__(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls <= self.warmup_steps:
-            side_stream = torch.cuda.Stream()
-            side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side_stream):
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
                 losses = self.agent.update(batch, llm_features, trajectories)
-            torch.cuda.current_stream().wait_stream(side_stream)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
             return losses
         if self.graph is None:
-            self.inputs = ({key: value.clone() for key, value in batch.items()}, llm_features, trajectories)
+            for optimizer in self.agent.optimizers:  # lets the optimizer step be recorded (fused Adam keeps its
+                for group in optimizer.param_groups:  # step counts on the GPU already); set only now, since torch
+                    group["capturable"] = True        # warns when a capturable step runs outside a graph
+            self.static_batch = {key: value.clone() for key, value in batch.items()}
+            self.static_prompt_inputs = (llm_features, trajectories)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.losses = self.agent.update(*self.inputs)
-        if llm_features is not self.inputs[1] or trajectories is not self.inputs[2]:
+                self.static_losses = self.agent.update(self.static_batch, llm_features, trajectories)
+        if llm_features is not self.static_prompt_inputs[0] or trajectories is not self.static_prompt_inputs[1]:
             raise ValueError("CUDAGraphUpdate: the prompt tensors must be the same tensors at every step")
         for key, value in batch.items():
-            self.inputs[0][key].copy_(value)
+            self.static_batch[key].copy_(value)
         self.graph.replay()
-        return self.losses.clone()
+        return self.static_losses.clone()
 
 
 def update_function(agent: Agent, device: torch.device):

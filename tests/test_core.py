@@ -2,6 +2,7 @@
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -320,9 +321,12 @@ def test_cuda_graph_replays_the_update(metaworld_script, flags):
         update = script.CUDAGraphUpdate(agent) if graphed else agent.update
         torch.cuda.manual_seed(1)
         losses = []
-        for step, batch in enumerate(batches):
-            losses.append(update({key: value.to(cuda) for key, value in batch.items()}, llm_features, trajectories))
-            agent.after_update(step, llm_features, trajectories)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step, batch in enumerate(batches):
+                losses.append(update({key: value.to(cuda) for key, value in batch.items()}, llm_features, trajectories))
+                agent.after_update(step, llm_features, trajectories)
+        assert not [w for w in caught if "capturable" in str(w.message)]  # torch warns of capturable steps run eagerly
         weights = torch.cat([p.detach().flatten() for part in ("policy", "policy_ema", "critic", "critic_target")
                              if getattr(agent, part) is not None for p in getattr(agent, part).parameters()])
         results.append((torch.stack(losses), weights))

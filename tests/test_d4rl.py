@@ -186,10 +186,13 @@ def test_end_to_end_on_a_minari_dataset(tiny_llm, tmp_path):
                                            ref_max_score=3234.3)
     finally:
         del os.environ["MINARI_DATASETS_PATH"]
-    result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--minari-id", "test/hopper/tiny-v0",
-                                            "--dataset-dir", str(tmp_path / "minari")), cwd=tmp_path)
+    flags = tiny_flags(tiny_llm, str(tmp_path / "cache"), "--minari-id", "test/hopper/tiny-v0",
+                       "--dataset-dir", str(tmp_path / "minari"))
+    flags[flags.index("--eval-every") + 1] = "20"  # an evaluation between two training steps (on CUDA: graph replays)
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert_finished(result)
     assert "normalised score from the dataset's metadata" in result.stdout
+    assert "eval step      20" in result.stdout
 
 
 @pytest.mark.parametrize("data_flags", [[], ["--minari-id", "mujoco/hopper/medium-v0"],
