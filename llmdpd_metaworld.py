@@ -594,9 +594,12 @@ class Agent:
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
 
-    @property
-    def optimizers(self) -> list:
-        return [optimizer for optimizer in (self.policy_optimizer, self.critic_optimizer) if optimizer is not None]
+    def set_capturable(self, capturable: bool) -> None:
+        """Let the optimizer steps be recorded in a CUDA graph (fused Adam keeps its step counts on the GPU already).
+        Set by CUDAGraphUpdate only when it records, since torch warns when a capturable step runs outside a graph."""
+        optimizers = [optimizer for optimizer in (self.policy_optimizer, self.critic_optimizer) if optimizer is not None]
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group["capturable"] = capturable
 
     def critic_prompts(self, task_prompts):
         return task_prompts.detach() if (self.args.critic_prompt and task_prompts is not None) else None
@@ -697,9 +700,7 @@ class Agent:
             part.load_state_dict(state[name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
-        for optimizer in self.optimizers:  # set by CUDAGraphUpdate when it records the step, not part of the model
-            for group in optimizer.param_groups:
-                group["capturable"] = False
+        self.set_capturable(False)  # a checkpoint restores the flag it was saved with; it is not part of the model
         self.ema_prompts = None
 
 
@@ -725,9 +726,7 @@ class CUDAGraphUpdate:
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return losses
         if self.graph is None:
-            for optimizer in self.agent.optimizers:  # lets the optimizer step be recorded (fused Adam keeps its
-                for group in optimizer.param_groups:  # step counts on the GPU already); set only now, since torch
-                    group["capturable"] = True        # warns when a capturable step runs outside a graph
+            self.agent.set_capturable(True)
             self.static_batch = {key: value.clone() for key, value in batch.items()}
             self.static_prompt_inputs = (llm_features, trajectories)
             self.graph = torch.cuda.CUDAGraph()
