@@ -8,8 +8,8 @@ repeats is reported, and the ratio of medians. Ours runs with both prompts on (3
 feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets.
 `--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it), each update replayed from a CUDA
 graph as the script trains (the `-no-graph` variants launch every kernel from Python); the reference has no GPU
-option, so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant and prints
-the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is).
+option, so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant
+and prints the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is).
 """
 import argparse
 import json
