@@ -17,6 +17,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -144,7 +145,8 @@ class Args:
     save_model: bool = False
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint (its own arguments are used) to its `total_steps`"""
+    """continue the run of this checkpoint (its own arguments are used) to its `total_steps`, or to
+    `--total-steps` when that is given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint`, no training"""
     checkpoint: Optional[str] = None
@@ -933,6 +935,12 @@ def print_table(args: Args, result: dict):
 # ======================================================================================================
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
+def total_steps_given() -> bool:
+    """Whether --total-steps is on the command line: with --resume it trains the run on to that step (say, a finished
+    20k-step run to 100k; with constant learning rates that is the run that --total-steps would have trained)."""
+    return any(arg.split("=")[0] == "--total-steps" for arg in sys.argv[1:])
+
+
 def main(args: Args):
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
@@ -942,9 +950,15 @@ def main(args: Args):
             sys.exit("error: --eval-only needs --checkpoint PATH")
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
-        if args.resume:  # a resumed run is the same run: its own arguments, except where it runs
-            args = Args(**{**asdict(saved), "resume": args.resume, "cuda": args.cuda, "cuda_graph": args.cuda_graph,
-                           "threads": args.threads})
+        if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
+            total_steps = args.total_steps if total_steps_given() else saved.total_steps
+            if total_steps != saved.total_steps and saved.lr_decay:
+                sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
+                         f"so it cannot be made longer or shorter; start a new run with --total-steps {total_steps}")
+            if total_steps < checkpoint["step"]:
+                sys.exit(f"error: this checkpoint is at step {checkpoint['step']} already; give a larger --total-steps")
+            args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps, "cuda": args.cuda,
+                           "cuda_graph": args.cuda_graph, "threads": args.threads})
         else:  # evaluate the saved model (its reference scores were saved in its arguments)
             overrides = ("eval_episodes", "eval_candidates", "seed", "cuda", "threads", "eval_only", "checkpoint")
             args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}, "dataset_path": None, "minari_id": None,
@@ -1033,6 +1047,10 @@ def main(args: Args):
         if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         print(f"resuming {run_dir} at step {start_step}", flush=True)
+        if start_step == checkpoint["args"]["total_steps"] < args.total_steps:  # a finished run, to be trained further
+            kept = os.path.join(run_dir, f"checkpoint-{start_step}.pt")
+            shutil.copyfile(args.resume, kept)
+            print(f"the finished run's model is kept in {kept}; training on to step {args.total_steps}", flush=True)
     else:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)

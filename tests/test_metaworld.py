@@ -79,27 +79,64 @@ def test_eval_only_from_checkpoint(tiny_run, shared_dirs):
     assert "door-lock" in result.stdout and "unseen mean" in result.stdout
 
 
-def test_resume_continues_from_the_saved_step(tiny_run, tmp_path):
+def copy_of_tiny_run(tiny_run, run_dir, step=None, **saved_args):
+    """The tiny run's checkpoint and TensorBoard log in run_dir, as if it had stopped at `step` (default: finished
+    at 30), with its saved arguments changed by `saved_args`."""
     cwd, _ = tiny_run
     state = torch.load(glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
     assert state["step"] == 30
-    state["step"] = 20  # as if the run had stopped after its step-20 checkpoint
-    run_dir = tmp_path / "runs" / "resumed"
+    state["step"] = step or state["step"]
+    state["args"].update(saved_args)
     run_dir.mkdir(parents=True)
     torch.save(state, run_dir / "checkpoint.pt")
     for events in glob.glob(str(cwd / "runs" / "*" / "events.out.tfevents.*")):  # what the stopped run logged
         shutil.copy(events, run_dir)
-    result = run_script(SCRIPT, "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path)
-    assert_finished(result)
-    assert f"resuming {run_dir} at step 20" in result.stdout
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 30
-    # steps 21-30 were logged by both runs: TensorBoard shows them once, from the resumed run
+    return run_dir / "checkpoint.pt"
+
+
+def logged_steps(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert [event.step for event in events.Scalars("losses/diffusion_loss")] == [10, 20, 30]
-    assert [event.step for event in events.Scalars("eval/seen_mean")] == [30]
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_continues_from_the_saved_step(tiny_run, tmp_path):
+    run_dir = tmp_path / "runs" / "resumed"
+    checkpoint = copy_of_tiny_run(tiny_run, run_dir, step=20)  # as if the run had stopped after its step-20 checkpoint
+    result = run_script(SCRIPT, "--resume", str(checkpoint), cwd=tmp_path)
+    assert_finished(result)
+    assert f"resuming {run_dir} at step 20" in result.stdout
+    assert torch.load(checkpoint, weights_only=False)["step"] == 30
+    # steps 21-30 were logged by both runs: TensorBoard shows them once, from the resumed run
+    assert logged_steps(run_dir, "losses/diffusion_loss") == [10, 20, 30]
+    assert logged_steps(run_dir, "eval/seen_mean") == [30]
+    assert not os.path.exists(run_dir / "checkpoint-20.pt")  # an unfinished run's checkpoint is just replaced
+
+
+def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_path):
+    run_dir = tmp_path / "runs" / "extended"
+    checkpoint = copy_of_tiny_run(tiny_run, run_dir)
+    result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", "40", cwd=tmp_path)
+    assert_finished(result)
+    assert f"resuming {run_dir} at step 30" in result.stdout
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["step"] == 40 and state["args"]["total_steps"] == 40
+    assert torch.load(run_dir / "checkpoint-30.pt", weights_only=False)["step"] == 30  # the finished model is kept
+    assert logged_steps(run_dir, "losses/diffusion_loss") == [10, 20, 30, 40]
+    assert logged_steps(run_dir, "eval/seen_mean") == [30, 40]  # the old run's final evaluation, then the new one
+
+
+@pytest.mark.parametrize("total_steps, saved_args, message", [
+    ("20", {}, "this checkpoint is at step 30 already"),
+    ("40", {"lr_decay": True}, "cannot be made longer or shorter; start a new run with --total-steps 40")])
+def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, total_steps, saved_args, message):
+    checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", **saved_args)
+    before = checkpoint.read_bytes()
+    result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", total_steps, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert checkpoint.read_bytes() == before
 
 
 def test_embedded_default_llm(shared_dirs, tmp_path):
