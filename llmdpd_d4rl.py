@@ -75,7 +75,7 @@ class Args:
     llm_dtype: str = "auto"
     """LLM weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
     embedding_cache_dir: str = os.path.join("~", ".cache", "llmdpd", "text_embeddings")
-    """on-disk cache of LLM prompt embeddings, keyed by LLM id and the exact prompt text"""
+    """on-disk cache of LLM prompt embeddings, keyed by LLM id, weights dtype and the exact prompt text"""
     text_prompt: bool = True
     """condition the policy on the text prompt (`--no-text-prompt`: the w/o-z_text ablation)"""
     traj_prompt: bool = True
@@ -212,7 +212,7 @@ def build_text_prompt(env_id: str) -> str:
     )
 
 
-# ========================= ALGORITHM CORE (identical in llmdpd_d4rl.py) ================================
+# ========================= ALGORITHM CORE (identical in llmdpd_metaworld.py and llmdpd_d4rl.py) ==========
 # ------------------------------------------------------------------------------------------------------
 # Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). M is a frozen LLM run once per distinct prompt;
 # its mean-pooled last hidden layer is cached on disk, so training steps only run the MLP head h_psi.
@@ -938,7 +938,7 @@ def print_table(args: Args, result: dict):
 def total_steps_given() -> bool:
     """Whether --total-steps is on the command line: with --resume it trains the run on to that step (say, a finished
     20k-step run to 100k; with constant learning rates that is the run that --total-steps would have trained)."""
-    return any(arg.split("=")[0] == "--total-steps" for arg in sys.argv[1:])
+    return any(arg.split("=")[0] in ("--total-steps", "--total_steps") for arg in sys.argv[1:])
 
 
 def main(args: Args):
