@@ -136,7 +136,8 @@ class Args:
     Default: Diffusion-QL's setting for its manipulation datasets (Franka Kitchen); 1.0 (its locomotion setting)
     slowed L_d and solved no seen task at 10k steps here (one seed; see README)"""
     grad_norm: float = 4.0
-    """max gradient norm of the policy and critic updates (0: no clipping)"""
+    """max gradient norm of the policy and critic updates (0: no clipping). Default: Diffusion-QL's value for Hopper
+    and Walker2d medium-replay; its Franka Kitchen runs (whose eta is the default above) use 9-10"""
     ema_decay: float = 0.995
     """decay of the EMA policy that samples target actions"""
     ema_every: int = 5
