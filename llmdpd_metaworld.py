@@ -1097,7 +1097,7 @@ def main(args: Args):
         if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         print(f"resuming {run_dir} at step {start_step}", flush=True)
-        if start_step == checkpoint["args"]["total_steps"] < args.total_steps:  # a finished run, to be trained further
+        if start_step == saved.total_steps < args.total_steps:  # a finished run, to be trained further
             kept = os.path.join(run_dir, f"checkpoint-{start_step}.pt")
             shutil.copyfile(args.resume, kept)
             print(f"the finished run's model is kept in {kept}; training on to step {args.total_steps}", flush=True)
