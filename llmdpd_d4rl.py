@@ -935,13 +935,9 @@ def print_table(args: Args, result: dict):
 # ======================================================================================================
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
-def total_steps_given() -> bool:
-    """Whether --total-steps is on the command line: with --resume it trains the run on to that step (say, a finished
-    20k-step run to 100k; with constant learning rates that is the run that --total-steps would have trained)."""
-    return any(arg.split("=")[0] in ("--total-steps", "--total_steps") for arg in sys.argv[1:])
-
-
-def main(args: Args):
+def main(args: Args, total_steps_given: bool = False):
+    """total_steps_given: --total-steps was on the command line. With --resume it trains the run on to that step (say,
+    a finished 20k-step run to 100k; with constant learning rates that is the run --total-steps would have made)."""
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
     if args.resume or args.eval_only:
@@ -951,12 +947,13 @@ def main(args: Args):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            total_steps = args.total_steps if total_steps_given() else saved.total_steps
+            total_steps = args.total_steps if total_steps_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
                          f"so it cannot be made longer or shorter; start a new run with --total-steps {total_steps}")
-            if total_steps < checkpoint["step"]:
-                sys.exit(f"error: this checkpoint is at step {checkpoint['step']} already; give a larger --total-steps")
+            if total_steps <= checkpoint["step"]:  # nothing to train (a finished run is not evaluated again)
+                sys.exit(f"error: this checkpoint is at step {checkpoint['step']} already, and the run's --total-steps is "
+                         f"{total_steps}; give a larger --total-steps to train it further")
             args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps, "cuda": args.cuda,
                            "cuda_graph": args.cuda_graph, "threads": args.threads})
         else:  # evaluate the saved model (its reference scores were saved in its arguments)
@@ -1047,8 +1044,8 @@ def main(args: Args):
         if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         print(f"resuming {run_dir} at step {start_step}", flush=True)
-        if start_step == saved.total_steps < args.total_steps:  # a finished run, to be trained further
-            kept = os.path.join(run_dir, f"checkpoint-{start_step}.pt")
+        kept = os.path.join(run_dir, f"checkpoint-{start_step}.pt")
+        if start_step == saved.total_steps and not os.path.exists(kept):  # a finished run, to be trained further
             shutil.copyfile(args.resume, kept)
             print(f"the finished run's model is kept in {kept}; training on to step {args.total_steps}", flush=True)
     else:
@@ -1085,7 +1082,8 @@ def main(args: Args):
         agent.after_update(step, llm_features, trajectories)
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.total_steps
-        save_now = args.save_every > 0 and done % args.save_every == 0
+        # not at --total-steps: that checkpoint is written after the final evaluation, so it is always a finished run's
+        save_now = args.save_every > 0 and done % args.save_every == 0 and done != args.total_steps
         eval_now = args.eval_every > 0 and done % args.eval_every == 0 and done != args.total_steps
         if not (log_now or save_now or eval_now):
             continue
@@ -1122,4 +1120,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    flags_given = {arg.split("=")[0] for arg in sys.argv[1:]}
+    main(tyro.cli(Args), total_steps_given=bool(flags_given & {"--total-steps", "--total_steps"}))

@@ -85,7 +85,7 @@ def copy_of_tiny_run(tiny_run, run_dir, step=None, **saved_args):
     cwd, _ = tiny_run
     state = torch.load(glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
     assert state["step"] == 30
-    state["step"] = step or state["step"]
+    state["step"] = state["step"] if step is None else step
     state["args"].update(saved_args)
     run_dir.mkdir(parents=True)
     torch.save(state, run_dir / "checkpoint.pt")
@@ -130,6 +130,7 @@ def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_pat
 
 @pytest.mark.parametrize("total_steps, saved_args, message", [
     ("20", {}, "this checkpoint is at step 30 already"),
+    ("30", {}, "give a larger --total-steps to train it further"),
     ("40", {"lr_decay": True}, "cannot be made longer or shorter; start a new run with --total-steps 40")])
 def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, total_steps, saved_args, message):
     checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", **saved_args)
