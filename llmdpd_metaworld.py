@@ -161,8 +161,9 @@ class Args:
     save_model: bool = False
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint (its own arguments are used) to its `total_steps`, or to
-    `--total-steps` when that is given (a finished run is trained further; its final checkpoint is kept)"""
+    """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
+    --cuda, --cuda-graph, --threads) to its `total_steps`, or to `--total-steps` when that is given (a finished run
+    is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint` on train_tasks and test_tasks, no training"""
     checkpoint: Optional[str] = None
@@ -1007,9 +1008,23 @@ def check_tasks(tasks) -> None:
                  + " ".join(sorted(METAWORLD_TASKS)))
 
 
-def main(args: Args, total_steps_given: bool = False):
-    """total_steps_given: --total-steps was on the command line. With --resume it trains the run on to that step (say,
-    a finished 20k-step run to 100k; with constant learning rates that is the run --total-steps would have made)."""
+def refuse_changed_flags(args: Args, saved: Args, flags_given, mode: str, can_change: tuple):
+    """--resume and --eval-only run with the checkpoint's own arguments: a flag given with a different value than the
+    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value."""
+    changed = sorted(name for name in flags_given if name not in can_change and getattr(args, name) != getattr(saved, name))
+    if changed:
+        flag = lambda name: "--" + name.replace("_", "-")
+        sys.exit(f"error: {mode} runs with the checkpoint's own arguments, so "
+                 + ", ".join(f"{flag(name)} {getattr(args, name)} (the checkpoint's: {getattr(saved, name)})" for name in changed)
+                 + f" would be ignored. Leave {'that flag' if len(changed) == 1 else 'those flags'} out (with {mode} only "
+                 + ", ".join(flag(name) for name in can_change if name not in ("resume", "eval_only", "checkpoint"))
+                 + " can be given other values), or start a new run to change them")
+
+
+def main(args: Args, flags_given: frozenset = frozenset()):
+    """flags_given: the Args fields named on the command line. With --resume, --total-steps trains the run on to that
+    step (say, a finished 20k-step run to 100k; with constant learning rates that is the run --total-steps would have
+    made), and a flag the checkpoint's run was not started with is refused rather than ignored."""
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
     if args.resume or args.eval_only:
@@ -1019,7 +1034,8 @@ def main(args: Args, total_steps_given: bool = False):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            total_steps = args.total_steps if total_steps_given else saved.total_steps
+            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps", "cuda", "cuda_graph", "threads"))
+            total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
                          f"so it cannot be made longer or shorter; start a new run with --total-steps {total_steps}")
@@ -1034,8 +1050,10 @@ def main(args: Args, total_steps_given: bool = False):
             args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps, "cuda": args.cuda,
                            "cuda_graph": args.cuda_graph, "threads": args.threads})
         else:  # evaluate the saved model on the tasks named now
-            args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in ("train_tasks", "test_tasks", "eval_episodes",
-                    "eval_candidates", "max_episode_steps", "seed", "cuda", "threads", "eval_only", "checkpoint")}})
+            overrides = ("train_tasks", "test_tasks", "eval_episodes", "eval_candidates", "max_episode_steps", "seed", "cuda",
+                         "threads", "eval_only", "checkpoint")
+            refuse_changed_flags(args, saved, flags_given, "--eval-only", overrides + ("cuda_graph",))  # (no graph in evaluation)
+            args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}})
     check_tasks(args.train_tasks + args.test_tasks)
     if not 1 <= args.max_episode_steps <= 500:
         sys.exit("error: --max-episode-steps must be in [1, 500] (Meta-World stops every episode at 500)")
@@ -1179,5 +1197,11 @@ def main(args: Args, total_steps_given: bool = False):
 
 
 if __name__ == "__main__":
-    flags_given = {arg.split("=")[0] for arg in sys.argv[1:]}
-    main(tyro.cli(Args), total_steps_given=bool(flags_given & {"--total-steps", "--total_steps"}))
+    args = tyro.cli(Args)
+    fields = set(asdict(args))
+    flags_given = set()  # the fields named on the command line: --total-steps N, --total_steps=N, --no-text-prompt, ...
+    for arg in sys.argv[1:]:
+        name = arg.split("=")[0].removeprefix("--").replace("-", "_")
+        if arg.startswith("--") and (name in fields or name.removeprefix("no_") in fields):
+            flags_given.add(name if name in fields else name.removeprefix("no_"))
+    main(args, frozenset(flags_given))

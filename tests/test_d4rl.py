@@ -167,9 +167,15 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     assert "normalised score from the dataset's metadata" in result.stdout
     checkpoint = glob.glob(str(tmp_path / "runs" / "Hopper-v5__*" / "checkpoint.pt"))
     assert len(checkpoint) == 1
-    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint[0], "--eval-episodes", "2", cwd=tmp_path)
+    # the training command again, plus --eval-only: flags that agree with the checkpoint are accepted
+    result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path", str(tmp_path / "hopper-tiny.hdf5"),
+                                            "--save-model", "--eval-only", "--checkpoint", checkpoint[0]), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Hopper-v5" in result.stdout and "normalised score" in result.stdout
+    # a flag that disagrees would be ignored (the model was trained on Hopper): refused, saying what the checkpoint has
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint[0], "--env-id", "Walker2d-v5", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--env-id Walker2d-v5 (the checkpoint's: Hopper-v5) would be ignored" in result.stderr
 
 
 def test_end_to_end_on_a_minari_dataset(tiny_llm, tmp_path):

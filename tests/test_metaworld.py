@@ -102,10 +102,12 @@ def logged_steps(run_dir, tag):
     return [event.step for event in events.Scalars(tag)]
 
 
-def test_resume_continues_from_the_saved_step(tiny_run, tmp_path):
+def test_resume_continues_from_the_saved_step(tiny_run, tiny_llm, shared_dirs, tmp_path):
     run_dir = tmp_path / "runs" / "resumed"
     checkpoint = copy_of_tiny_run(tiny_run, run_dir, step=20)  # as if the run had stopped after its step-20 checkpoint
-    result = run_script(SCRIPT, "--resume", str(checkpoint), cwd=tmp_path)
+    # the run's own command again, plus --resume: flags that agree with the checkpoint are accepted
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--save-every", "10"), "--resume", str(checkpoint),
+                        cwd=tmp_path)
     assert_finished(result)
     assert f"resuming {run_dir} at step 20" in result.stdout
     assert torch.load(checkpoint, weights_only=False)["step"] == 30
@@ -136,6 +138,21 @@ def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, tot
     checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", **saved_args)
     before = checkpoint.read_bytes()
     result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", total_steps, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume", "{checkpoint}", "--batch-size", "16"], "--batch-size 16 (the checkpoint's: 32) would be ignored"),
+    (["--resume", "{checkpoint}", "--no-text-prompt", "--eval-every=5"],
+     "--eval-every 5 (the checkpoint's: 0), --text-prompt False (the checkpoint's: True) would be ignored. Leave those flags"),
+    (["--eval-only", "--checkpoint", "{checkpoint}", "--llm", "meta-llama/Meta-Llama-3-8B"],
+     "--llm meta-llama/Meta-Llama-3-8B (the checkpoint's: "),
+])
+def test_resume_and_eval_only_refuse_flags_they_would_ignore(tiny_run, tmp_path, flags, message):
+    checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", step=20)
+    before = checkpoint.read_bytes()
+    result = run_script(SCRIPT, *[flag.format(checkpoint=checkpoint) for flag in flags], cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert checkpoint.read_bytes() == before
 
