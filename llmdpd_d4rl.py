@@ -146,8 +146,8 @@ class Args:
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads) to its `total_steps`, or to `--total-steps` when that is given (a finished run
-    is trained further; its final checkpoint is kept)"""
+    --cuda, --cuda-graph, --threads, --dataset-dir, --embedding-cache-dir) to its `total_steps`, or to `--total-steps`
+    when that is given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint`, no training"""
     checkpoint: Optional[str] = None
@@ -962,7 +962,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps", "cuda", "cuda_graph", "threads"))
+            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps", "cuda", "cuda_graph", "threads",
+                                                                        "dataset_dir", "embedding_cache_dir"))  # (where, how long)
             total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
@@ -975,11 +976,11 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                 sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would "
                          "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
                          "resume the copy")
-            args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps, "cuda": args.cuda,
-                           "cuda_graph": args.cuda_graph, "threads": args.threads})
+            args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps,
+                           **{k: getattr(args, k) for k in ("cuda", "cuda_graph", "threads", "dataset_dir", "embedding_cache_dir")}})
         else:  # evaluate the saved model (its reference scores were saved in its arguments)
             overrides = ("eval_episodes", "eval_candidates", "seed", "cuda", "threads", "eval_only", "checkpoint")
-            unused = ("cuda_graph", "dataset_path", "minari_id", "dataset_dir")  # evaluation reads no data, captures no graph
+            unused = ("cuda_graph", "dataset_path", "minari_id", "dataset_dir", "embedding_cache_dir")  # no data, LLM or graph
             refuse_changed_flags(args, saved, flags_given, "--eval-only",
                                  overrides + ("ref_min_score", "ref_max_score") + unused)
             args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}, "dataset_path": None, "minari_id": None,

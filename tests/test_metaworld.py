@@ -120,9 +120,11 @@ def test_resume_continues_from_the_saved_step(tiny_run, tiny_llm, shared_dirs, t
 def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_path):
     run_dir = tmp_path / "runs" / "extended"
     checkpoint = copy_of_tiny_run(tiny_run, run_dir)
-    result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", "40", cwd=tmp_path)
+    moved = tmp_path / "moved-datasets"  # where the data lies may change: the datasets are collected again there
+    result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", "40", "--dataset-dir", str(moved), cwd=tmp_path)
     assert_finished(result)
     assert f"resuming {run_dir} at step 30" in result.stdout
+    assert glob.glob(str(moved / "metaworld" / "reach" / "*"))
     state = torch.load(checkpoint, weights_only=False)
     assert state["step"] == 40 and state["args"]["total_steps"] == 40
     assert torch.load(run_dir / "checkpoint-30.pt", weights_only=False)["step"] == 30  # the finished model is kept
