@@ -146,8 +146,8 @@ class Args:
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads, --dataset-dir, --embedding-cache-dir) to its `total_steps`, or to `--total-steps`
-    when that is given (a finished run is trained further; its final checkpoint is kept)"""
+    --cuda, --cuda-graph, --threads, --dataset-path, --dataset-dir, --embedding-cache-dir) to its `total_steps`, or
+    to `--total-steps` when that is given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint`, no training"""
     checkpoint: Optional[str] = None
@@ -937,24 +937,40 @@ def print_table(args: Args, result: dict):
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
 def refuse_changed_flags(args: Args, saved: Args, flags_given, mode: str, can_change: tuple):
-    """--resume and --eval-only run with the checkpoint's own arguments: a flag given with a different value than the
-    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value."""
-    changed = sorted(name for name in flags_given if name not in can_change and getattr(args, name) != getattr(saved, name))
+    """--resume and --eval-only run with the checkpoint's own arguments: a flag given another value than the
+    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value. None
+    (the script's own choice, which the checkpoint holds) and another spelling of the same path are no change."""
+    def same(given, kept):
+        if given is None or given == kept:
+            return True
+        return isinstance(given, str) and isinstance(kept, str) and \
+            os.path.realpath(os.path.expanduser(given)) == os.path.realpath(os.path.expanduser(kept))
+
+    def typed(name, value):  # as it is typed on the command line
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return flag if value else "--no-" + flag[2:]
+        return f"{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+
+    changed = sorted(name for name in flags_given
+                     if name not in can_change and not same(getattr(args, name), getattr(saved, name)))
     if changed:
-        flag = lambda name: "--" + name.replace("_", "-")
+        may_differ = [typed(name, True) for name in can_change if name not in ("resume", "eval_only", "checkpoint")]
         sys.exit(f"error: {mode} runs with the checkpoint's own arguments, so "
-                 + ", ".join(f"{flag(name)} {getattr(args, name)} (the checkpoint's: {getattr(saved, name)})" for name in changed)
+                 + ", ".join(f"{typed(name, getattr(args, name))} (the checkpoint has {typed(name, getattr(saved, name))})"
+                             for name in changed)
                  + f" would be ignored. Leave {'that flag' if len(changed) == 1 else 'those flags'} out (with {mode} only "
-                 + ", ".join(flag(name) for name in can_change if name not in ("resume", "eval_only", "checkpoint"))
-                 + " can be given other values), or start a new run to change them")
+                 + ", ".join(may_differ) + " can be given other values), or start a new run to change them")
 
 
 def main(args: Args, flags_given: frozenset = frozenset()):
     """flags_given: the Args fields named on the command line. With --resume, --total-steps trains the run on to that
     step (say, a finished 20k-step run to 100k; with constant learning rates that is the run --total-steps would have
-    made), and a flag the checkpoint's run was not started with is refused rather than ignored."""
+    made). With --resume or --eval-only, a flag given another value than the checkpoint's is refused, not ignored."""
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
+    if (args.ref_min_score is None) != (args.ref_max_score is None):
+        sys.exit("error: give both --ref-min-score and --ref-max-score, or neither (then the dataset's or D4RL's are used)")
     if args.resume or args.eval_only:
         path = args.resume or args.checkpoint
         if path is None:
@@ -962,8 +978,10 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps", "cuda", "cuda_graph", "threads",
-                                                                        "dataset_dir", "embedding_cache_dir"))  # (where, how long)
+            run_on = ("cuda", "cuda_graph", "threads")
+            data_location = ("dataset_path", "dataset_dir", "embedding_cache_dir")  # where the data lies (kept unless
+            # given), not what it is: the trajectory prompt read from it is checked against the checkpoint's below
+            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps") + run_on + data_location)
             total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
@@ -977,12 +995,10 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                          "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
                          "resume the copy")
             args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps,
-                           **{k: getattr(args, k) for k in ("cuda", "cuda_graph", "threads", "dataset_dir", "embedding_cache_dir")}})
+                           **{k: getattr(args, k) for k in run_on + data_location if k in run_on or k in flags_given}})
         else:  # evaluate the saved model (its reference scores were saved in its arguments)
             overrides = ("eval_episodes", "eval_candidates", "seed", "cuda", "threads", "eval_only", "checkpoint")
-            unused = ("cuda_graph", "dataset_path", "minari_id", "dataset_dir", "embedding_cache_dir")  # no data, LLM or graph
-            refuse_changed_flags(args, saved, flags_given, "--eval-only",
-                                 overrides + ("ref_min_score", "ref_max_score") + unused)
+            refuse_changed_flags(args, saved, flags_given, "--eval-only", overrides + ("ref_min_score", "ref_max_score"))
             args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}, "dataset_path": None, "minari_id": None,
                            **{k: getattr(args, k) for k in ("ref_min_score", "ref_max_score") if getattr(args, k) is not None}})
     if args.env_id.split("-")[0] not in ENVIRONMENTS:
@@ -1046,6 +1062,9 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         task_llm_features = {task: features[0]}
         task_trajectories = {task: trajectory_prompt(transitions["obs"][episode_start:episode_end],
                                                      transitions["actions"][episode_start:episode_end], args.traj_prompt_len)}
+        if args.resume and not torch.equal(task_trajectories[task], checkpoint["task_trajectories"][task]):
+            sys.exit(f"error: the trajectory prompt read from {args.dataset_path or args.minari_id} differs from this run's, "
+                     "so it is not the dataset the run was trained on. Resume with its own dataset, or start a new run")
         print("text prompt: " + (f"embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
               f"({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s" if args.text_prompt else "off")
               + f"; trajectory prompt: episode "

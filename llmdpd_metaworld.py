@@ -1009,22 +1009,36 @@ def check_tasks(tasks) -> None:
 
 
 def refuse_changed_flags(args: Args, saved: Args, flags_given, mode: str, can_change: tuple):
-    """--resume and --eval-only run with the checkpoint's own arguments: a flag given with a different value than the
-    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value."""
-    changed = sorted(name for name in flags_given if name not in can_change and getattr(args, name) != getattr(saved, name))
+    """--resume and --eval-only run with the checkpoint's own arguments: a flag given another value than the
+    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value. None
+    (the script's own choice, which the checkpoint holds) and another spelling of the same path are no change."""
+    def same(given, kept):
+        if given is None or given == kept:
+            return True
+        return isinstance(given, str) and isinstance(kept, str) and \
+            os.path.realpath(os.path.expanduser(given)) == os.path.realpath(os.path.expanduser(kept))
+
+    def typed(name, value):  # as it is typed on the command line
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return flag if value else "--no-" + flag[2:]
+        return f"{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+
+    changed = sorted(name for name in flags_given
+                     if name not in can_change and not same(getattr(args, name), getattr(saved, name)))
     if changed:
-        flag = lambda name: "--" + name.replace("_", "-")
+        may_differ = [typed(name, True) for name in can_change if name not in ("resume", "eval_only", "checkpoint")]
         sys.exit(f"error: {mode} runs with the checkpoint's own arguments, so "
-                 + ", ".join(f"{flag(name)} {getattr(args, name)} (the checkpoint's: {getattr(saved, name)})" for name in changed)
+                 + ", ".join(f"{typed(name, getattr(args, name))} (the checkpoint has {typed(name, getattr(saved, name))})"
+                             for name in changed)
                  + f" would be ignored. Leave {'that flag' if len(changed) == 1 else 'those flags'} out (with {mode} only "
-                 + ", ".join(flag(name) for name in can_change if name not in ("resume", "eval_only", "checkpoint"))
-                 + " can be given other values), or start a new run to change them")
+                 + ", ".join(may_differ) + " can be given other values), or start a new run to change them")
 
 
 def main(args: Args, flags_given: frozenset = frozenset()):
     """flags_given: the Args fields named on the command line. With --resume, --total-steps trains the run on to that
     step (say, a finished 20k-step run to 100k; with constant learning rates that is the run --total-steps would have
-    made), and a flag the checkpoint's run was not started with is refused rather than ignored."""
+    made). With --resume or --eval-only, a flag given another value than the checkpoint's is refused, not ignored."""
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
     if args.resume or args.eval_only:
@@ -1034,8 +1048,10 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps", "cuda", "cuda_graph", "threads",
-                                                                        "dataset_dir", "embedding_cache_dir"))  # (where, how long)
+            run_on = ("cuda", "cuda_graph", "threads")
+            data_location = ("dataset_dir", "embedding_cache_dir")  # where the data lies (kept unless given), not what
+            # it is: the trajectory prompts read from it are checked against the checkpoint's below
+            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps") + run_on + data_location)
             total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
@@ -1049,12 +1065,14 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                          "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
                          "resume the copy")
             args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps,
-                           **{k: getattr(args, k) for k in ("cuda", "cuda_graph", "threads", "dataset_dir", "embedding_cache_dir")}})
+                           **{k: getattr(args, k) for k in run_on + data_location if k in run_on or k in flags_given}})
         else:  # evaluate the saved model on the tasks named now
             overrides = ("train_tasks", "test_tasks", "eval_episodes", "eval_candidates", "max_episode_steps", "seed", "cuda",
-                         "threads", "eval_only", "checkpoint", "dataset_dir", "embedding_cache_dir")
-            refuse_changed_flags(args, saved, flags_given, "--eval-only", overrides + ("cuda_graph",))  # (no graph in evaluation)
-            args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}})
+                         "threads", "eval_only", "checkpoint")
+            data_location = ("dataset_dir", "embedding_cache_dir")  # where the data lies (kept unless given)
+            refuse_changed_flags(args, saved, flags_given, "--eval-only", overrides + data_location)
+            args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides},
+                           **{k: getattr(args, k) for k in data_location if k in flags_given}})
     check_tasks(args.train_tasks + args.test_tasks)
     if not 1 <= args.max_episode_steps <= 500:
         sys.exit("error: --max-episode-steps must be in [1, 500] (Meta-World stops every episode at 500)")
@@ -1097,6 +1115,12 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         if task not in task_trajectories:
             episode = task_data(task, "prompt", args)[0]
             task_trajectories[task] = trajectory_prompt(episode.observations, episode.actions, args.traj_prompt_len)
+    if args.resume:  # the data read now must be the run's own (say, after --dataset-dir moved it)
+        differ = [t for t in all_tasks if not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
+        if differ:
+            sys.exit(f"error: the trajectory prompts of {differ} read from the datasets (--dataset-dir {args.dataset_dir}) "
+                     "differ from this run's, so these are not the datasets it was trained on (collected by other "
+                     "Meta-World/MuJoCo versions?). Resume with its own datasets (--dataset-dir), or start a new run")
 
     seen_features = torch.stack([task_llm_features[t] for t in args.train_tasks])
     agent = Agent(OBS_DIM, ACT_DIM, seen_features if args.text_prompt else None, args, device)

@@ -175,7 +175,20 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     # a flag that disagrees would be ignored (the model was trained on Hopper): refused, saying what the checkpoint has
     result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint[0], "--env-id", "Walker2d-v5", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--env-id Walker2d-v5 (the checkpoint's: Hopper-v5) would be ignored" in result.stderr
+    assert "--env-id Walker2d-v5 (the checkpoint has --env-id Hopper-v5) would be ignored" in result.stderr
+    # the dataset file may move: --resume reads it where it is now
+    os.makedirs(tmp_path / "moved")
+    os.replace(tmp_path / "hopper-tiny.hdf5", tmp_path / "moved" / "hopper-tiny.hdf5")
+    result = run_script(SCRIPT, "--resume", checkpoint[0], "--total-steps", "40", "--dataset-path",
+                        str(tmp_path / "moved" / "hopper-tiny.hdf5"), cwd=tmp_path)
+    assert_finished(result)
+    # but another dataset is not the run's: its trajectory prompt differs from the checkpoint's
+    write_d4rl_file(tmp_path / "other.hdf5", hopper_episodes(n_episodes=6, max_steps=30, seed=1))
+    before = open(checkpoint[0], "rb").read()
+    result = run_script(SCRIPT, "--resume", checkpoint[0], "--total-steps", "50", "--dataset-path",
+                        str(tmp_path / "other.hdf5"), cwd=tmp_path)
+    assert result.returncode != 0 and "is not the dataset the run was trained on" in result.stderr
+    assert open(checkpoint[0], "rb").read() == before
 
 
 def test_end_to_end_on_a_minari_dataset(tiny_llm, tmp_path):
@@ -209,6 +222,11 @@ def test_missing_data_names_the_three_ways(data_flags, tmp_path):
     assert "Three ways to get it" in result.stderr
     for way in ("1. a classic D4RL file", "2. a Minari dataset", "3. any HDF5 file in D4RL's layout"):
         assert way in result.stderr
+
+
+def test_one_reference_score_alone_is_refused(tmp_path):
+    result = run_script(SCRIPT, "--ref-min-score", "0", cwd=tmp_path)
+    assert result.returncode != 0 and "give both --ref-min-score and --ref-max-score" in result.stderr
 
 
 def test_unknown_env_id(tmp_path):

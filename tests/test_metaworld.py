@@ -72,10 +72,12 @@ def test_eval_only_from_checkpoint(tiny_run, shared_dirs):
     """Evaluated on the CPU whatever trained it: on a GPU machine this loads a checkpoint written from CUDA."""
     cwd, _ = tiny_run
     checkpoint = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0]
-    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach", "push",
-                        "--test-tasks", "door-lock", "--eval-episodes", "2", "--max-episode-steps", "20",
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach",
+                        "--test-tasks", "push", "door-lock", "--eval-episodes", "2", "--max-episode-steps", "20",
                         "--dataset-dir", shared_dirs["datasets"], "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
+    # evaluated on the tasks named now: push, a seen task in training, is listed as unseen
+    assert any(line.split()[:2] == ["push", "unseen"] for line in result.stdout.splitlines()), result.stdout[-2000:]
     assert "door-lock" in result.stdout and "unseen mean" in result.stdout
 
 
@@ -145,11 +147,13 @@ def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, tot
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--resume", "{checkpoint}", "--batch-size", "16"], "--batch-size 16 (the checkpoint's: 32) would be ignored"),
-    (["--resume", "{checkpoint}", "--no-text-prompt", "--eval-every=5"],
-     "--eval-every 5 (the checkpoint's: 0), --text-prompt False (the checkpoint's: True) would be ignored. Leave those flags"),
+    (["--resume", "{checkpoint}", "--batch-size", "16"], "--batch-size 16 (the checkpoint has --batch-size 32) would be ignored"),
+    (["--resume", "{checkpoint}", "--no-text-prompt", "--eval-every=5"], "--eval-every 5 (the checkpoint has --eval-every 0), "
+     "--no-text-prompt (the checkpoint has --text-prompt) would be ignored. Leave those flags"),
     (["--eval-only", "--checkpoint", "{checkpoint}", "--llm", "meta-llama/Meta-Llama-3-8B"],
-     "--llm meta-llama/Meta-Llama-3-8B (the checkpoint's: "),
+     "--llm meta-llama/Meta-Llama-3-8B (the checkpoint has --llm "),
+    (["--resume", "{checkpoint}", "--noise-levels", "0.1", "0.9"],
+     "--noise-levels 0.1 0.9 (the checkpoint has --noise-levels 0.1 0.5) would be ignored"),
 ])
 def test_resume_and_eval_only_refuse_flags_they_would_ignore(tiny_run, tmp_path, flags, message):
     checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", step=20)
