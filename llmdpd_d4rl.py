@@ -146,8 +146,8 @@ class Args:
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads, --dataset-path, --dataset-dir, --embedding-cache-dir) to its `total_steps`, or
-    to `--total-steps` when that is given (a finished run is trained further; its final checkpoint is kept)"""
+    --cuda, --cuda-graph, --threads, --dataset-path, --dataset-dir) to its `total_steps`, or to `--total-steps`
+    when that is given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint`, no training"""
     checkpoint: Optional[str] = None
@@ -979,8 +979,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
             run_on = ("cuda", "cuda_graph", "threads")
-            data_location = ("dataset_path", "dataset_dir", "embedding_cache_dir")  # where the data lies (kept unless
-            # given), not what it is: the trajectory prompt read from it is checked against the checkpoint's below
+            data_location = ("dataset_path", "dataset_dir")  # where the data lies (kept unless given), not what it is:
+            # the trajectory prompt read from it is checked against the checkpoint's below
             refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps") + run_on + data_location)
             total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
@@ -1043,7 +1043,9 @@ def main(args: Args, flags_given: frozenset = frozenset()):
               f"({time.time() - start:.0f}s); normalised score from {ref_source}: min {ref[0]}, max {ref[1]}", flush=True)
         obs_dim, act_dim = transitions["obs"].shape[1], transitions["actions"].shape[1]
 
-    # Prompts (Eq. 1-2): the LLM runs only when the prompt is missing from the cache
+    # Prompts (Eq. 1-2): the LLM runs only when the prompt is missing from the cache. A resumed run keeps its LLM
+    # features (on another device the LLM could give other ones: bfloat16 on CUDA); its trajectory prompt is read from
+    # the data again, as a check that the data is the run's
     llm_forward_passes, llm_seconds = 0, 0.0
     if args.eval_only:
         task_llm_features, task_trajectories = dict(checkpoint["task_llm_features"]), dict(checkpoint["task_trajectories"])
@@ -1051,7 +1053,9 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         act_dim = task_trajectories[task].shape[1] - obs_dim
     else:
         start, features = time.time(), torch.zeros(1, 0)  # w/o-z_text: the LLM is not needed at all
-        if args.text_prompt:
+        if args.resume:
+            features = checkpoint["task_llm_features"][task][None]
+        elif args.text_prompt:
             try:
                 features, llm_forward_passes = llm_text_features([build_text_prompt(args.env_id)], args.llm,
                                                                  args.embedding_cache_dir, device, args.llm_dtype)
@@ -1065,8 +1069,9 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         if args.resume and not torch.equal(task_trajectories[task], checkpoint["task_trajectories"][task]):
             sys.exit(f"error: the trajectory prompt read from {args.dataset_path or args.minari_id} differs from this run's, "
                      "so it is not the dataset the run was trained on. Resume with its own dataset, or start a new run")
-        print("text prompt: " + (f"embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
-              f"({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s" if args.text_prompt else "off")
+        embedded = "from the checkpoint" if args.resume else (f"embedded with {args.llm}, {llm_forward_passes} LLM "
+                                                              f"forward passes ({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s")
+        print("text prompt: " + (embedded if args.text_prompt else "off")
               + f"; trajectory prompt: episode "
               f"{args.traj_prompt_episode} (rows {episode_start}-{episode_end})", flush=True)
 

@@ -162,8 +162,8 @@ class Args:
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads, --dataset-dir, --embedding-cache-dir) to its `total_steps`, or to `--total-steps`
-    when that is given (a finished run is trained further; its final checkpoint is kept)"""
+    --cuda, --cuda-graph, --threads, --dataset-dir) to its `total_steps`, or to `--total-steps` when that is
+    given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
     """evaluate `--checkpoint` on train_tasks and test_tasks, no training"""
     checkpoint: Optional[str] = None
@@ -1049,8 +1049,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
             run_on = ("cuda", "cuda_graph", "threads")
-            data_location = ("dataset_dir", "embedding_cache_dir")  # where the data lies (kept unless given), not what
-            # it is: the trajectory prompts read from it are checked against the checkpoint's below
+            data_location = ("dataset_dir",)  # where the data lies (kept unless given), not what it is: the trajectory
+            # prompts read from it are checked against the checkpoint's below
             refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps") + run_on + data_location)
             total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
@@ -1089,12 +1089,12 @@ def main(args: Args, flags_given: frozenset = frozenset()):
     torch.set_float32_matmul_precision("high")
     all_tasks = list(dict.fromkeys(args.train_tasks + args.test_tasks))
 
-    # Prompts of every task (Eq. 1-2): the LLM runs only for prompts missing from the cache
+    # Prompts of every task (Eq. 1-2): the LLM runs only for prompts missing from the cache. A resumed run keeps its
+    # LLM features (on another device the LLM could give other ones: bfloat16 on CUDA); its trajectory prompts are read
+    # from the data again, as a check that the data is the run's
     llm_forward_passes, llm_seconds = 0, 0.0
-    if args.eval_only:
-        task_llm_features, task_trajectories = dict(checkpoint["task_llm_features"]), dict(checkpoint["task_trajectories"])
-    else:
-        task_llm_features, task_trajectories = {}, {}
+    task_llm_features = dict(checkpoint["task_llm_features"]) if args.eval_only or args.resume else {}
+    task_trajectories = dict(checkpoint["task_trajectories"]) if args.eval_only else {}
     need_text = [t for t in all_tasks if t not in task_llm_features]
     if need_text and not args.text_prompt:  # w/o-z_text: the LLM is not needed at all
         task_llm_features.update({task: torch.zeros(0) for task in need_text})
@@ -1110,6 +1110,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         task_llm_features.update(zip(need_text, features))
     print(f"text prompts: {len(need_text)} embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
           f"({len(need_text) - llm_forward_passes} from cache) in {llm_seconds:.1f}s"
+          + (f", {len(all_tasks) - len(need_text)} from the checkpoint" if args.resume or args.eval_only else "")
           + ("" if args.text_prompt else " (--no-text-prompt)"), flush=True)
     for task in all_tasks:
         if task not in task_trajectories:

@@ -182,6 +182,7 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     result = run_script(SCRIPT, "--resume", checkpoint[0], "--total-steps", "40", "--dataset-path",
                         str(tmp_path / "moved" / "hopper-tiny.hdf5"), cwd=tmp_path)
     assert_finished(result)
+    assert "text prompt: from the checkpoint" in result.stdout  # the run's own LLM features: no LLM, no cache
     # but another dataset is not the run's: its trajectory prompt differs from the checkpoint's
     write_d4rl_file(tmp_path / "other.hdf5", hopper_episodes(n_episodes=6, max_steps=30, seed=1))
     before = open(checkpoint[0], "rb").read()

@@ -127,6 +127,7 @@ def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_pat
     assert_finished(result)
     assert f"resuming {run_dir} at step 30" in result.stdout
     assert glob.glob(str(moved / "metaworld" / "reach" / "*"))
+    assert "0 LLM forward passes (0 from cache) in 0.0s, 3 from the checkpoint" in result.stdout  # the run's own features
     state = torch.load(checkpoint, weights_only=False)
     assert state["step"] == 40 and state["args"]["total_steps"] == 40
     assert torch.load(run_dir / "checkpoint-30.pt", weights_only=False)["step"] == 30  # the finished model is kept
