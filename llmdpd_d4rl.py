@@ -1069,8 +1069,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         if args.resume and not torch.equal(task_trajectories[task], checkpoint["task_trajectories"][task]):
             sys.exit(f"error: the trajectory prompt read from {args.dataset_path or args.minari_id} differs from this run's, "
                      "so it is not the dataset the run was trained on. Resume with its own dataset, or start a new run")
-        embedded = "from the checkpoint" if args.resume else (f"embedded with {args.llm}, {llm_forward_passes} LLM "
-                                                              f"forward passes ({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s")
+        embedded = ("from the checkpoint" if args.resume else f"embedded with {args.llm}, {llm_forward_passes} LLM "
+                    f"forward passes ({1 - llm_forward_passes} from cache) in {llm_seconds:.1f}s")
         print("text prompt: " + (embedded if args.text_prompt else "off")
               + f"; trajectory prompt: episode "
               f"{args.traj_prompt_episode} (rows {episode_start}-{episode_end})", flush=True)
