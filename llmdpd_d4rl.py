@@ -936,10 +936,13 @@ def print_table(args: Args, result: dict):
 # ======================================================================================================
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
-def refuse_changed_flags(args: Args, saved: Args, flags_given, mode: str, can_change: tuple):
-    """--resume and --eval-only run with the checkpoint's own arguments: a flag given another value than the
-    checkpoint's (say --batch-size, or --llm) would be silently ignored, so it is refused, with the saved value. None
-    (the script's own choice, which the checkpoint holds) and another spelling of the same path are no change."""
+def checkpoint_arguments(args: Args, saved: Args, flags_given, mode: str, run_on: tuple, may_change: tuple,
+                         **fixed) -> Args:
+    """The arguments --resume and --eval-only run with: the checkpoint's (`saved`), except `run_on` (where it runs:
+    this command line's, defaults included), the `may_change` flags given here, and `fixed`. Any other flag given
+    another value than the checkpoint's (say --batch-size, or --llm) would be ignored, so it is refused, with the saved
+    value. None (the script's own choice, which the checkpoint holds) and another spelling of the same path are no
+    change."""
     def same(given, kept):
         if given is None or given == kept:
             return True
@@ -952,15 +955,17 @@ def refuse_changed_flags(args: Args, saved: Args, flags_given, mode: str, can_ch
             return flag if value else "--no-" + flag[2:]
         return f"{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
 
-    changed = sorted(name for name in flags_given
-                     if name not in can_change and not same(getattr(args, name), getattr(saved, name)))
+    changed = sorted(name for name in flags_given if name not in run_on + may_change + ("resume", "eval_only", "checkpoint")
+                     and not same(getattr(args, name), getattr(saved, name)))
     if changed:
-        may_differ = [typed(name, True) for name in can_change if name not in ("resume", "eval_only", "checkpoint")]
         sys.exit(f"error: {mode} runs with the checkpoint's own arguments, so "
                  + ", ".join(f"{typed(name, getattr(args, name))} (the checkpoint has {typed(name, getattr(saved, name))})"
                              for name in changed)
                  + f" would be ignored. Leave {'that flag' if len(changed) == 1 else 'those flags'} out (with {mode} only "
-                 + ", ".join(may_differ) + " can be given other values), or start a new run to change them")
+                 + ", ".join(typed(name, True) for name in run_on + may_change) + " can be given other values), or "
+                 "start a new run to change them")
+    given = {name: getattr(args, name) for name in may_change if name in flags_given and getattr(args, name) is not None}
+    return Args(**{**asdict(saved), **{name: getattr(args, name) for name in run_on}, **given, **fixed})
 
 
 def main(args: Args, flags_given: frozenset = frozenset()):
@@ -969,7 +974,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
     made). With --resume or --eval-only, a flag given another value than the checkpoint's is refused, not ignored."""
     if args.resume and args.eval_only:
         sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
-    if (args.ref_min_score is None) != (args.ref_max_score is None):
+    if (args.ref_min_score is None) != (args.ref_max_score is None) and not args.resume:  # (a run's own are both saved)
         sys.exit("error: give both --ref-min-score and --ref-max-score, or neither (then the dataset's or D4RL's are used)")
     if args.resume or args.eval_only:
         path = args.resume or args.checkpoint
@@ -977,12 +982,11 @@ def main(args: Args, flags_given: frozenset = frozenset()):
             sys.exit("error: --eval-only needs --checkpoint PATH")
         checkpoint = load_checkpoint(path)
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
-        if args.resume:  # a resumed run is the same run: its own arguments, except where it runs and how long
-            run_on = ("cuda", "cuda_graph", "threads")
-            data_location = ("dataset_path", "dataset_dir")  # where the data lies (kept unless given), not what it is:
-            # the trajectory prompt read from it is checked against the checkpoint's below
-            refuse_changed_flags(args, saved, flags_given, "--resume", ("resume", "total_steps") + run_on + data_location)
-            total_steps = args.total_steps if "total_steps" in flags_given else saved.total_steps
+        if args.resume:  # a resumed run is the same run: its own arguments, except where it runs, how long, and where
+            # its data lies (not what it is: the trajectory prompts read from it are checked against the checkpoint's)
+            resumed = checkpoint_arguments(args, saved, flags_given, "--resume", ("cuda", "cuda_graph", "threads"),
+                                           ("total_steps", "dataset_path", "dataset_dir"), resume=args.resume)
+            total_steps = resumed.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
                 sys.exit(f"error: this run anneals its learning rates to 0 over its {saved.total_steps} steps (--lr-decay), "
                          f"so it cannot be made longer or shorter; start a new run with --total-steps {total_steps}")
@@ -994,13 +998,12 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                 sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would "
                          "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
                          "resume the copy")
-            args = Args(**{**asdict(saved), "resume": args.resume, "total_steps": total_steps,
-                           **{k: getattr(args, k) for k in run_on + data_location if k in run_on or k in flags_given}})
-        else:  # evaluate the saved model (its reference scores were saved in its arguments)
-            overrides = ("eval_episodes", "eval_candidates", "seed", "cuda", "threads", "eval_only", "checkpoint")
-            refuse_changed_flags(args, saved, flags_given, "--eval-only", overrides + ("ref_min_score", "ref_max_score"))
-            args = Args(**{**asdict(saved), **{k: getattr(args, k) for k in overrides}, "dataset_path": None, "minari_id": None,
-                           **{k: getattr(args, k) for k in ("ref_min_score", "ref_max_score") if getattr(args, k) is not None}})
+            args = resumed
+        else:  # evaluate the saved model (its reference scores were saved in its arguments), reading no data
+            args = checkpoint_arguments(args, saved, flags_given, "--eval-only", ("cuda", "threads"),
+                                        ("eval_episodes", "eval_candidates", "seed", "ref_min_score", "ref_max_score"),
+                                        resume=None, eval_only=True, checkpoint=args.checkpoint, dataset_path=None,
+                                        minari_id=None)
     if args.env_id.split("-")[0] not in ENVIRONMENTS:
         sys.exit(f"error: unknown --env-id {args.env_id!r}; LLMDPD's D4RL suite has "
                  + ", ".join(f"{name}-v5" for name in ENVIRONMENTS))

@@ -179,8 +179,10 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     # the dataset file may move: --resume reads it where it is now
     os.makedirs(tmp_path / "moved")
     os.replace(tmp_path / "hopper-tiny.hdf5", tmp_path / "moved" / "hopper-tiny.hdf5")
-    result = run_script(SCRIPT, "--resume", checkpoint[0], "--total-steps", "40", "--dataset-path",
-                        str(tmp_path / "moved" / "hopper-tiny.hdf5"), cwd=tmp_path)
+    flags = tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path", str(tmp_path / "moved" / "hopper-tiny.hdf5"),
+                       "--save-model", "--resume", checkpoint[0])  # the run's own command line, with the new path
+    flags[flags.index("--total-steps") + 1] = "40"
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert_finished(result)
     assert "text prompt: from the checkpoint" in result.stdout  # the run's own LLM features: no LLM, no cache
     # but another dataset is not the run's: its trajectory prompt differs from the checkpoint's

@@ -133,6 +133,11 @@ def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_pat
     assert torch.load(run_dir / "checkpoint-30.pt", weights_only=False)["step"] == 30  # the finished model is kept
     assert logged_steps(run_dir, "losses/diffusion_loss") == [10, 20, 30, 40]
     assert logged_steps(run_dir, "eval/seen_mean") == [30, 40]  # the old run's final evaluation, then the new one
+    # the resumed run's checkpoint, evaluated on a task it has never seen (its prompts are made now)
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(checkpoint), "--test-tasks", "drawer-open",
+                        "--eval-episodes", "1", "--dataset-dir", str(moved), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ["drawer-open", "unseen"] in [line.split()[:2] for line in result.stdout.splitlines()]
 
 
 @pytest.mark.parametrize("total_steps, saved_args, message", [
@@ -145,6 +150,29 @@ def test_resume_refuses_a_total_steps_it_cannot_train_to(tiny_run, tmp_path, tot
     result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", total_steps, cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert checkpoint.read_bytes() == before
+
+
+def test_resume_refuses_data_that_is_not_the_runs(tiny_run, tmp_path):
+    checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", step=20)
+    state = torch.load(checkpoint, weights_only=False)
+    state["task_trajectories"]["push"] = state["task_trajectories"]["push"] + 1  # as if trained on other data
+    torch.save(state, checkpoint)
+    before = checkpoint.read_bytes()
+    default_folder = tmp_path / "default-minari"
+    result = run_script(SCRIPT, "--resume", str(checkpoint), cwd=tmp_path, extra_env={"MINARI_DATASETS_PATH": str(default_folder)})
+    assert result.returncode != 0 and "the trajectory prompts of ['push'] read from the datasets" in result.stderr
+    assert checkpoint.read_bytes() == before
+    assert not default_folder.exists()  # the data was read from the run's own --dataset-dir, kept as it was not given
+
+
+def test_eval_only_keeps_the_runs_own_tasks_and_settings(tiny_run, tmp_path):
+    cwd, _ = tiny_run
+    checkpoint = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0]
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [row[:2] for row in rows if len(row) == 4 and row[1] in ("seen", "unseen")] == \
+        [["reach", "seen"], ["push", "seen"], ["door-lock", "unseen"]]  # not the default six tasks
 
 
 @pytest.mark.parametrize("flags, message", [
