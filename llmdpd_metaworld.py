@@ -165,7 +165,7 @@ class Args:
     --cuda, --cuda-graph, --threads, --dataset-dir) to its `total_steps`, or to `--total-steps` when that is
     given (a finished run is trained further; its final checkpoint is kept)"""
     eval_only: bool = False
-    """evaluate `--checkpoint` on train_tasks and test_tasks, no training"""
+    """evaluate `--checkpoint` on its run's train_tasks and test_tasks (or on those given), no training"""
     checkpoint: Optional[str] = None
     """checkpoint for `--eval-only`"""
 
