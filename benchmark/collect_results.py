@@ -2,8 +2,9 @@
 
     python benchmark/collect_results.py --runs runs --out results
 
-Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`); each
-group shows mean +- std over its seeds of the final evaluation. Meta-World runs give success rates per task and
+Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`) and their
+number of steps (runs of one variant that trained for different lengths get a row each); each group shows mean +- std
+over its seeds of the final evaluation. Meta-World runs give success rates per task and
 the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
 
 With `--partial`, runs still going (or stopped, to be continued with `--resume`) are tabulated too: every run of a
@@ -47,7 +48,7 @@ def main():
     parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
     options = parser.parse_args()
-    groups = collections.defaultdict(list)  # (benchmark, exp_name) -> [(seed, scalars)]
+    runs_read = []  # (benchmark, exp_name, seed, scalars)
     for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
         env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
         scalars, tag = read_scalars(run_dir), final_tag(env)
@@ -56,10 +57,10 @@ def main():
             print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
                   "--partial tabulates it)")
             continue
-        groups[(env, exp_name)].append((int(seed), scalars))
+        runs_read.append((env, exp_name, int(seed), scalars))
     partial_envs = set()
-    for env in {env for env, _ in groups} if options.partial else ():  # cut every run at the last common eval step
-        runs = [s for (e, _), group in groups.items() if e == env for _, s in group]
+    for env in {env for env, *_ in runs_read} if options.partial else ():  # cut every run at the last common eval step
+        runs = [s for e, _, _, s in runs_read if e == env]
         common_step = max(set.intersection(*({step for step, _ in s[final_tag(env)]} for s in runs)), default=None)
         if common_step is None:
             sys.exit(f"error: the {env} runs have no evaluation step in common; wait for their next evaluation")
@@ -68,6 +69,9 @@ def main():
         for s in runs:
             for tag in list(s):
                 s[tag] = [(step, value) for step, value in s[tag] if step <= common_step]
+    groups = collections.defaultdict(list)  # (benchmark, exp_name, steps) -> [(seed, scalars)]
+    for env, exp_name, seed, scalars in runs_read:
+        groups[(env, exp_name, scalars[final_tag(env)][-1][0])].append((seed, scalars))
     os.makedirs(options.out, exist_ok=True)
     import matplotlib
 
@@ -75,10 +79,11 @@ def main():
     import matplotlib.pyplot as plt
 
     lines = []
-    for env in sorted({env for env, _ in groups}):
-        names = sorted(name for e, name in groups if e == env)
+    for env in sorted({env for env, _, _ in groups}):
+        names = sorted((name, steps) for e, name, steps in groups if e == env)  # (exp_name, steps)
+        several_lengths = {name for name, _ in names if sum(other == name for other, _ in names) > 1}
         metaworld = env == "metaworld"
-        tags = (sorted({t for name in names for _, s in groups[(env, name)] for t in s if t.startswith("eval/success_rate/")})
+        tags = (sorted({t for name in names for _, s in groups[(env, *name)] for t in s if t.startswith("eval/success_rate/")})
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
         lines += [f"### {env}", ""]
@@ -88,10 +93,9 @@ def main():
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         curve_tags = ["eval/seen_mean", "eval/unseen_mean"] if metaworld else ["eval/normalized_score"]
         figure, axes = plt.subplots(1, len(curve_tags), figsize=(6 * len(curve_tags), 4), squeeze=False)
-        for name in names:
-            runs = groups[(env, name)]
-            steps = sorted({s[tags[-1]][-1][0] for _, s in runs if tags[-1] in s})
-            cells = [name, ",".join(str(seed) for seed, _ in runs), "/".join(str(s) for s in steps)]
+        for name, steps in names:
+            runs = groups[(env, name, steps)]
+            cells = [name, ",".join(str(seed) for seed, _ in runs), str(steps)]
             for tag in tags:
                 finals = [100 * s[tag][-1][1] if metaworld else s[tag][-1][1] for _, s in runs if tag in s]
                 cells.append(seeds_cell(finals, 1))
@@ -102,7 +106,8 @@ def main():
                     continue
                 x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
                 y = np.array([[c[step] for step in x] for c in curves]) * (100 if metaworld else 1)
-                axis.plot(x, y.mean(0), marker="o", label=f"{name} (n={len(curves)})")
+                label = f"{name}, {steps} steps" if name in several_lengths else name
+                axis.plot(x, y.mean(0), marker="o", label=f"{label} (n={len(curves)})")
                 axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
         for axis, curve_tag in zip(axes[0], curve_tags):
             axis.set_xlabel("gradient steps")
@@ -110,15 +115,15 @@ def main():
                              "rate (%)"}.get(curve_tag, "D4RL normalised score"))
             axis.set_title(env)
             axis.legend()
-        return_tags = sorted({t for name in names for _, s in groups[(env, name)] for t in s
+        return_tags = sorted({t for name in names for _, s in groups[(env, *name)] for t in s
                               if t.startswith("eval/return/")})
         if metaworld and return_tags:  # returns move before success rates do: a table of mean returns per task
             lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
                       return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
-            for name in names:
-                cells = [name]
+            for name, steps in names:
+                cells = [f"{name} ({steps} steps)" if name in several_lengths else name]
                 for tag in return_tags:
-                    finals = [s[tag][-1][1] for _, s in groups[(env, name)] if tag in s]
+                    finals = [s[tag][-1][1] for _, s in groups[(env, name, steps)] if tag in s]
                     cells.append(seeds_cell(finals, 0))
                 lines.append("| " + " | ".join(cells) + " |")
         figure.tight_layout()

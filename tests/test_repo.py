@@ -54,11 +54,13 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     fake_run("llmdpd", 1, 0.2, 2000)
     fake_run("llmdpd", 2, 0.4, 2000)
     fake_run("llmdpd", 3, 1.0, 1000)  # still training: its last evaluation is not at its last step
+    fake_run("llmdpd", 4, 0.6, 3000, last_train_step=3000)  # a finished run of another length: a row of its own
     result = collect("results")
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout and "metaworld__llmdpd__3__100" in result.stdout
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
+    assert "| llmdpd | 4 | 3000 | 60.0 | 60.0 | 0.0 |" in table
     assert (tmp_path / "results" / "metaworld_curves.png").stat().st_size > 0
 
     # --partial: the run still going is kept, and every run is cut at the last step all three evaluated at
@@ -66,7 +68,7 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "partial" / "results.md").read_text()
     assert "Partial:" in table
-    assert "| llmdpd | 1,2,3 | 1000 | 53.3 ± 34.0 | 53.3 ± 34.0 | 0.0 ± 0.0 |" in table, table
+    assert "| llmdpd | 1,2,3,4 | 1000 | 55.0 ± 29.6 | 55.0 ± 29.6 | 0.0 ± 0.0 |" in table, table
 
 
 def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
