@@ -107,8 +107,11 @@ def main():
                 x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
                 y = np.array([[c[step] for step in x] for c in curves]) * (100 if metaworld else 1)
                 label = f"{name}, {steps} steps" if name in several_lengths else name
-                axis.plot(x, y.mean(0), marker="o", label=f"{label} (n={len(curves)})")
-                axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+                color = f"C{sorted({other for other, _ in names}).index(name)}"  # one colour per variant
+                longest = steps == max(length for other, length in names if other == name)  # shorter runs dotted
+                axis.plot(x, y.mean(0), marker="o", color=color, linestyle="-" if longest else ":",
+                          label=f"{label} (n={len(curves)})")
+                axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=color, alpha=0.2)
         for axis, curve_tag in zip(axes[0], curve_tags):
             axis.set_xlabel("gradient steps")
             axis.set_ylabel({"eval/seen_mean": "seen-task success rate (%)", "eval/unseen_mean": "unseen-task success "
