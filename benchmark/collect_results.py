@@ -2,9 +2,10 @@
 
     python benchmark/collect_results.py --runs runs --out results
 
-Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`) and their
-number of steps (runs of one variant that trained for different lengths get a row each); each group shows mean +- std
-over its seeds of the final evaluation. Meta-World runs give success rates per task and
+Runs are grouped by their `exp_name` (set it per variant, e.g. `--exp-name llmdpd`, `--exp-name wo-prompt`) and the
+step of their final evaluation (runs of one variant that trained for different lengths get a row each; with
+`--partial` all are cut to one step, so they share one); each group shows mean +- std over its seeds of that
+evaluation. Meta-World runs give success rates per task and
 the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
 
 With `--partial`, runs still going (or stopped, to be continued with `--resume`) are tabulated too: every run of a
