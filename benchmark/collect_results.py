@@ -82,9 +82,11 @@ def main():
     lines = []
     for env in sorted({env for env, _, _ in groups}):
         names = sorted((name, steps) for e, name, steps in groups if e == env)  # (exp_name, steps)
-        several_lengths = {name for name, _ in names if sum(other == name for other, _ in names) > 1}
+        lengths = collections.defaultdict(list)  # exp_name -> the step counts of its rows
+        for name, steps in names:
+            lengths[name].append(steps)
         metaworld = env == "metaworld"
-        tags = (sorted({t for name in names for _, s in groups[(env, *name)] for t in s if t.startswith("eval/success_rate/")})
+        tags = (sorted({t for key in names for _, s in groups[(env, *key)] for t in s if t.startswith("eval/success_rate/")})
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
         lines += [f"### {env}", ""]
@@ -107,10 +109,9 @@ def main():
                     continue
                 x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
                 y = np.array([[c[step] for step in x] for c in curves]) * (100 if metaworld else 1)
-                label = f"{name}, {steps} steps" if name in several_lengths else name
-                color = f"C{sorted({other for other, _ in names}).index(name)}"  # one colour per variant
-                longest = steps == max(length for other, length in names if other == name)  # shorter runs dotted
-                axis.plot(x, y.mean(0), marker="o", color=color, linestyle="-" if longest else ":",
+                label = f"{name}, {steps} steps" if len(lengths[name]) > 1 else name
+                color = f"C{sorted(lengths).index(name)}"  # one colour per variant, its shorter runs dotted
+                axis.plot(x, y.mean(0), marker="o", color=color, linestyle="-" if steps == max(lengths[name]) else ":",
                           label=f"{label} (n={len(curves)})")
                 axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=color, alpha=0.2)
         for axis, curve_tag in zip(axes[0], curve_tags):
@@ -119,13 +120,13 @@ def main():
                              "rate (%)"}.get(curve_tag, "D4RL normalised score"))
             axis.set_title(env)
             axis.legend()
-        return_tags = sorted({t for name in names for _, s in groups[(env, *name)] for t in s
+        return_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
                               if t.startswith("eval/return/")})
         if metaworld and return_tags:  # returns move before success rates do: a table of mean returns per task
             lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
                       return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
             for name, steps in names:
-                cells = [f"{name} ({steps} steps)" if name in several_lengths else name]
+                cells = [f"{name} ({steps} steps)" if len(lengths[name]) > 1 else name]
                 for tag in return_tags:
                     finals = [s[tag][-1][1] for _, s in groups[(env, name, steps)] if tag in s]
                     cells.append(seeds_cell(finals, 0))
