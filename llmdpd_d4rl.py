@@ -45,7 +45,9 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     cuda_graph: bool = True
-    """on CUDA, record the update step once as a CUDA graph and replay it (not with --lr-decay)"""
+    """on CUDA, record the update step once as a CUDA graph and replay it"""
+    compile: bool = False
+    """torch.compile the reverse chain, L_d, the critics and the trajectory encoder (1.2-1.3x on an H100, not on CPU)"""
     threads: int = 0
     """CPU threads for torch (0: torch's default). Small matrices can run faster on 1 thread on a busy machine"""
     track: bool = False
@@ -564,13 +566,27 @@ class Agent:
             self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(self.critic_optimizer, args.total_steps, 0.0))
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
+        if args.compile:  # inductor fuses each part's many small kernels; on CUDA the graph then records the fused ones
+            for policy in (self.policy, self.policy_ema):
+                policy.diffusion.sample = torch.compile(policy.diffusion.sample)
+                policy.diffusion.loss = torch.compile(policy.diffusion.loss)
+                if policy.traj_encoder is not None:
+                    policy.traj_encoder.compile()
+            for critic in (self.critic, self.critic_target):
+                if critic is not None:
+                    critic.compile()
 
     def set_capturable(self, capturable: bool) -> None:
         """Let the optimizer steps be recorded in a CUDA graph (fused Adam keeps its step counts on the GPU already).
-        Set by CUDAGraphUpdate only when it records, since torch warns when a capturable step runs outside a graph."""
+        Set by CUDAGraphUpdate only when it records, since torch warns when a capturable step runs outside a graph.
+        A recorded step would keep a float learning rate as a constant, so with --lr-decay each rate becomes a tensor
+        on the device while recording: the schedulers fill it in place, and every replay reads the current value."""
         optimizers = [optimizer for optimizer in (self.policy_optimizer, self.critic_optimizer) if optimizer is not None]
         for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group["capturable"] = capturable
+            if self.args.lr_decay:
+                lr = float(group["lr"])
+                group["lr"] = torch.tensor(lr, device=group["params"][0].device) if capturable else lr
 
     def critic_prompts(self, task_prompts):
         return task_prompts.detach() if (self.args.critic_prompt and task_prompts is not None) else None
@@ -712,12 +728,10 @@ class CUDAGraphUpdate:
 
 
 def update_function(agent: Agent, device: torch.device):
-    """The update of each training step: on CUDA its CUDA-graph replay, unless --no-cuda-graph or --lr-decay (a
-    recorded optimizer step keeps the learning rate it was recorded with); elsewhere Agent.update itself."""
+    """The update of each training step: on CUDA its CUDA-graph replay, unless --no-cuda-graph; elsewhere
+    Agent.update itself."""
     if device.type == "cuda" and agent.args.cuda_graph:
-        if not agent.args.lr_decay:
-            return CUDAGraphUpdate(agent)
-        print("note: --lr-decay changes the learning rate at every step, so the update runs without a CUDA graph")
+        return CUDAGraphUpdate(agent)
     return agent.update
 
 
@@ -984,7 +998,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs, how long, and where
             # its data lies (not what it is: the trajectory prompts read from it are checked against the checkpoint's)
-            resumed = checkpoint_arguments(args, saved, flags_given, "--resume", ("cuda", "cuda_graph", "threads"),
+            resumed = checkpoint_arguments(args, saved, flags_given, "--resume", ("cuda", "cuda_graph", "compile", "threads"),
                                            ("total_steps", "dataset_path", "dataset_dir"), resume=args.resume)
             total_steps = resumed.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
@@ -1000,7 +1014,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                          "resume the copy")
             args = resumed
         else:  # evaluate the saved model (its reference scores were saved in its arguments), reading no data
-            args = checkpoint_arguments(args, saved, flags_given, "--eval-only", ("cuda", "threads"),
+            args = checkpoint_arguments(args, saved, flags_given, "--eval-only", ("cuda", "compile", "threads"),
                                         ("eval_episodes", "eval_candidates", "seed", "ref_min_score", "ref_max_score"),
                                         resume=None, eval_only=True, checkpoint=args.checkpoint, dataset_path=None,
                                         minari_id=None)
@@ -1147,7 +1161,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
             for name, value in zip(("critic_loss", "diffusion_loss", "q_loss"), mean_losses):
                 writer.add_scalar(f"losses/{name}", value.item(), done)
             writer.add_scalar("charts/SPS", sps, done)
-            writer.add_scalar("charts/learning_rate", agent.policy_optimizer.param_groups[0]["lr"], done)
+            writer.add_scalar("charts/learning_rate", float(agent.policy_optimizer.param_groups[0]["lr"]), done)
             if done % (args.log_every * 10) == 0 or done == args.total_steps:
                 print(f"step {done:>7}  critic {mean_losses[0]:9.3f}  diffusion {mean_losses[1]:.4f}  "
                       f"q {mean_losses[2]:8.3f}  SPS {sps:.1f}", flush=True)

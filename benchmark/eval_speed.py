@@ -30,6 +30,7 @@ def main():
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cuda", action="store_true", help="policy on the GPU")
+    parser.add_argument("--compile", action="store_true", help="the scripts' --compile (compiled in the warm-up runs)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     path = os.path.join(HERE, "..", f"llmdpd_{options.script}.py")
@@ -41,10 +42,11 @@ def main():
     torch.set_float32_matmul_precision("high")  # as the scripts set it
     if options.script == "metaworld":
         args = module.Args(eval_episodes=options.episodes, eval_candidates=options.candidates,
-                           max_episode_steps=options.max_episode_steps)
+                           max_episode_steps=options.max_episode_steps, compile=options.compile)
         obs_dim, act_dim = module.OBS_DIM, module.ACT_DIM
     else:
-        args = module.Args(env_id="Hopper-v5", eval_episodes=options.episodes, eval_candidates=options.candidates)
+        args = module.Args(env_id="Hopper-v5", eval_episodes=options.episodes, eval_candidates=options.candidates,
+                           compile=options.compile)
         obs_dim, act_dim = 11, 3
     llm_features, trajectory = torch.randn(576), torch.randn(args.traj_prompt_len, obs_dim + act_dim)
     agent = module.Agent(obs_dim, act_dim, llm_features[None], args, device)
@@ -58,10 +60,10 @@ def main():
             result = module.evaluate(agent, llm_features, trajectory, args, device, n_parallel)
         return result["env_steps"] / (time.perf_counter() - start)
 
-    run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run)
+    run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run); --compile compiles
     batched, single = run(None), run(1)
     print(f"{options.script} eval, {options.episodes} episodes, {options.candidates} candidates, {options.threads} thread(s), "
-          f"policy on {device.type}:")
+          f"policy on {device.type}{', compiled' if options.compile else ''}:")
     print(f"  batched            {batched:8.1f} env steps/s")
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")

@@ -9,7 +9,8 @@ feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` add
 `--cuda` runs ours on the GPU (replay buffer there too, as the script keeps it), each update replayed from a CUDA
 graph as the script trains (the `-no-graph` variants launch every kernel from Python); the reference has no GPU
 option, so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant
-and prints the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is).
+and prints the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is). The `-compile` variants
+run with `--compile` (compiled during the 20 warm-up steps, which are not timed).
 """
 import argparse
 import json
@@ -46,7 +47,9 @@ def train(first_step, n_steps):
         losses = update(m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
         agent.after_update(step, llm_features, trajectories)
     losses.tolist()  # waits for the GPU's queue to drain
-train(0, 20)  # warm-up
+start = time.perf_counter()
+train(0, 20)  # warm-up: lazy initialisation, the CUDA graph's recording, --compile's compilation
+warmup_s = time.perf_counter() - start
 start = time.perf_counter()
 train(20, steps)
 sps = steps / (time.perf_counter() - start)
@@ -62,7 +65,7 @@ if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how 
         kernel_ms = sum(e.device_time for e in kernels) / 1e3 / profile_steps
         print(f"per step: {len(kernels) / profile_steps:.0f} GPU kernels, {kernel_ms:.2f} ms of kernel time in a "
               f"{1e3 / sps:.2f} ms step: the GPU is busy {kernel_ms * sps / 10:.0f}% of the time")
-print(json.dumps({"sps": sps}))
+print(json.dumps({"sps": sps, "warmup_s": warmup_s}))
 """
 
 VARIANTS = {
@@ -71,16 +74,20 @@ VARIANTS = {
     "no-prompts": {"text_prompt": False, "traj_prompt": False},
     "llmdpd-no-graph": {"cuda_graph": False},  # on CUDA: every kernel launched from Python (on the CPU: as llmdpd)
     "llmdpd-one-step-no-graph": {"one_step_action": True, "cuda_graph": False},
+    "llmdpd-compile": {"compile": True},  # torch.compile'd parts, recorded in the CUDA graph on CUDA
+    "llmdpd-one-step-compile": {"one_step_action": True, "compile": True},
 }
 
 
-def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0) -> float:
+def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0) -> tuple:
+    """Steps/s, and the seconds its 20 warm-up steps took (compilation included)."""
     out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device,
                           str(profile_steps)], capture_output=True, text=True, check=True).stdout
     *profile_report, result = out.strip().splitlines()
     if profile_steps:
         print("\n".join(profile_report), flush=True)
-    return json.loads(result)["sps"]
+    result = json.loads(result)
+    return result["sps"], result["warmup_s"]
 
 
 def run_reference(path: str, steps: int, threads: int) -> float:
@@ -107,19 +114,23 @@ def main():
             run_ours(VARIANTS[name], 20, options.threads[0], device, options.profile)
     for threads in options.threads:
         sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
+        warmup_s = {name: [] for name in options.variant}
         for _ in range(options.repeats):
             if options.reference:
                 sps["reference"].append(run_reference(options.reference, options.steps, threads))
             for name in options.variant:
-                sps[name].append(run_ours(VARIANTS[name], options.steps, threads, device))
+                steps_per_s, seconds = run_ours(VARIANTS[name], options.steps, threads, device)
+                sps[name].append(steps_per_s)
+                warmup_s[name].append(seconds)
         medians = {name: statistics.median(values) for name, values in sps.items()}
         for name, values in sps.items():
             # no ratio of our GPU step to the CPU reference: that compares machines, not steps
             compare = options.reference and not options.cuda
             ratio = f"  {medians[name] / medians['reference']:.2f}x reference" if compare else ""
             where = "cpu" if name == "reference" else device
+            warmup = f"  warm-up {statistics.median(warmup_s[name]):.1f} s" if name in warmup_s else ""
             print(f"threads={threads} {where:<4} {name:<16} median {medians[name]:6.1f} steps/s  "
-                  f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}", flush=True)
+                  f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}{warmup}", flush=True)
 
 
 if __name__ == "__main__":

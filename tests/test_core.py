@@ -1,4 +1,5 @@
 """Unit tests of the algorithm core (the text shared by both scripts)."""
+import dataclasses
 import math
 import os
 import random
@@ -301,13 +302,44 @@ def test_cuda_computes_what_the_cpu_does(script_name, request):
     assert chosen.shape == (7, 2) and chosen.is_cuda and chosen.abs().max() <= 1.0
 
 
+def test_lr_decay_rates_are_filled_in_place_while_capturable(metaworld_script):
+    """With --lr-decay a CUDA graph must read each step's learning rate, so while the optimizers are capturable
+    the rates are tensors that the schedulers fill in place; a checkpoint of that state loads back to float rates."""
+    agent, _, _ = make_agent(metaworld_script, lr_decay=True, total_steps=4, actor_lr=1e-3, critic_lr=2e-3)
+    agent.set_capturable(True)
+    rates = [group["lr"] for optimizer in (agent.policy_optimizer, agent.critic_optimizer)
+             for group in optimizer.param_groups]
+    assert all(isinstance(rate, torch.Tensor) for rate in rates)
+    for _ in range(2):  # (no optimizer step taken: torch warns, harmlessly, that the schedulers ran first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for scheduler in agent.schedulers:
+                scheduler.step()
+    halfway = 0.5  # cosine from the initial rate to 0 over 4 steps, after 2
+    assert [group["lr"] for optimizer in (agent.policy_optimizer, agent.critic_optimizer)
+            for group in optimizer.param_groups][0] is rates[0]  # the same tensor, which a graph reads
+    torch.testing.assert_close(torch.stack(rates), torch.tensor([1e-3 * halfway, 2e-3 * halfway]))
+    restored, _, _ = make_agent(metaworld_script, lr_decay=True, total_steps=4, actor_lr=1e-3, critic_lr=2e-3)
+    restored.load_state_dict(agent.state_dict())
+    restored_rates = [group["lr"] for optimizer in (restored.policy_optimizer, restored.critic_optimizer)
+                      for group in optimizer.param_groups]
+    assert all(isinstance(rate, float) for rate in restored_rates)
+    assert restored_rates == pytest.approx([1e-3 * halfway, 2e-3 * halfway])
+    restored.set_capturable(True)  # and back to tensors when a graph records again
+    assert all(isinstance(group["lr"], torch.Tensor) for group in restored.policy_optimizer.param_groups)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")
 @pytest.mark.parametrize("flags", [dict(), dict(one_step_action=True), dict(text_prompt=False, traj_prompt=False),
-                                   dict(eta=0.0)])
-def test_cuda_graph_replays_the_update(metaworld_script, flags):
+                                   dict(eta=0.0), dict(lr_decay=True, total_steps=10), dict(compile=True)])
+def test_cuda_graph_replays_the_update(metaworld_script, flags, monkeypatch):
     """CUDAGraphUpdate (the default on CUDA) leaves the weights and losses that the same updates leave without a
-    graph: a new batch at every replay, the same random draws, the EMA policy's prompts refreshed in place."""
+    graph: a new batch at every replay, the same random draws, the EMA policy's prompts refreshed in place, and with
+    --lr-decay the learning rates of each step (annealed to 0 within these 10 steps: a rate frozen at recording
+    would move the weights on). With --compile the graph records inductor's kernels, against plain eager updates
+    (inductor told to draw its random numbers as eager torch does)."""
     script, cuda = metaworld_script, torch.device("cuda")
+    monkeypatch.setattr("torch._inductor.config.fallback_random", True)
     torch.manual_seed(0)
     cpu_agent, llm_features, trajectories = make_agent(script, ema_start=0, ema_every=2, **flags)
     args, llm_features, trajectories = cpu_agent.args, llm_features.to(cuda), trajectories.to(cuda)
@@ -316,7 +348,8 @@ def test_cuda_graph_replays_the_update(metaworld_script, flags):
                for _ in range(10)]
     results = []
     for graphed in (False, True):
-        agent = script.Agent(5, 2, llm_features.cpu() if args.text_prompt else None, args, cuda)
+        run_args = args if graphed else dataclasses.replace(args, compile=False)
+        agent = script.Agent(5, 2, llm_features.cpu() if args.text_prompt else None, run_args, cuda)
         agent.load_state_dict(cpu_agent.state_dict())
         update = script.CUDAGraphUpdate(agent) if graphed else agent.update
         torch.cuda.manual_seed(1)

@@ -119,6 +119,18 @@ def test_resume_continues_from_the_saved_step(tiny_run, tiny_llm, shared_dirs, t
     assert not os.path.exists(run_dir / "checkpoint-20.pt")  # an unfinished run's checkpoint is just replaced
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: --compile's speed-up is there")
+def test_compile_resumes_and_evaluates_a_run(tiny_run, tmp_path):
+    """--compile (how a run runs, like --cuda) on a checkpoint written without it: trained on, saved, evaluated."""
+    checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "compiled", step=30)
+    result = run_script(SCRIPT, "--resume", str(checkpoint), "--total-steps", "40", "--compile", cwd=tmp_path)
+    assert_finished(result)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 40
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(checkpoint), "--compile", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "seen mean" in result.stdout
+
+
 def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_path):
     run_dir = tmp_path / "runs" / "extended"
     checkpoint = copy_of_tiny_run(tiny_run, run_dir)
