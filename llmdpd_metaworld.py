@@ -768,6 +768,17 @@ def update_function(agent: Agent, device: torch.device):
     return agent.update
 
 
+def check_compile(device: torch.device) -> None:
+    """--compile would fail only at the first update where nothing can compile (no C++ compiler for the CPU, no
+    Triton for CUDA): compile a one-line function first, so that the run stops at once and says what to do."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except Exception as error:  # noqa: BLE001
+        sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
+                 f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, for "
+                 "CUDA, Triton; or leave out --compile.")
+
+
 def trajectory_prompt(obs: np.ndarray, actions: np.ndarray, prompt_len: int) -> torch.Tensor:
     """z_tau of Eq. 2 as encoder input: `prompt_len` (s_t, a_t) pairs evenly spaced over one trajectory."""
     index = np.linspace(0, len(actions) - 1, prompt_len).round().astype(int)
@@ -1102,6 +1113,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_float32_matmul_precision("high")
+    if args.compile:
+        check_compile(device)
     all_tasks = list(dict.fromkeys(args.train_tasks + args.test_tasks))
 
     # Prompts of every task (Eq. 1-2): the LLM runs only for prompts missing from the cache. A resumed run keeps its

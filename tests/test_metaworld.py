@@ -225,6 +225,13 @@ def test_embedded_default_llm(shared_dirs, tmp_path):
     assert len(features) == 3 and all(f.shape == (576,) for f in features)  # SmolLM2-135M's hidden size
 
 
+def test_compile_where_nothing_can_compile_stops_at_once(tmp_path):
+    """--compile with no working C++ compiler stops before any LLM or data work, and says what to do."""
+    result = run_script(SCRIPT, "--compile", "--no-cuda", cwd=tmp_path, extra_env={"CXX": str(tmp_path / "no-such-g++")})
+    assert result.returncode != 0 and "error: --compile cannot compile for cpu on this machine" in result.stderr
+    assert "leave out --compile" in result.stderr and not (tmp_path / "runs").exists()
+
+
 def test_unknown_task_lists_valid_names(tmp_path):
     result = run_script(SCRIPT, "--test-tasks", "box-clse", cwd=tmp_path)
     assert result.returncode != 0
