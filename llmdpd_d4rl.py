@@ -147,9 +147,10 @@ class Args:
     save_model: bool = False
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads, --dataset-path, --dataset-dir) to its `total_steps`, or to `--total-steps`
-    when that is given (a finished run is trained further; its final checkpoint is kept)"""
+    """continue the run of this checkpoint to its `total_steps`, or to `--total-steps` when that is given (a finished
+    run is trained further; its final checkpoint is kept). It runs with its own arguments: other values are refused,
+    except for where and how it runs (--cuda, --cuda-graph, --compile, --threads) and where its data lies
+    (--dataset-path, --dataset-dir)"""
     eval_only: bool = False
     """evaluate `--checkpoint`, no training"""
     checkpoint: Optional[str] = None

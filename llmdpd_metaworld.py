@@ -71,8 +71,8 @@ class Args:
 
     # Offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets)
     noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)
-    """std of the Gaussian noise added to the scripted policy's actions: one quality level each (with 0.1 0.5 1.0 and
-    10 episodes each, a plain MLP behaviour cloner never solved disassemble; see README)"""
+    """std of the Gaussian noise added to the scripted policy's actions: one quality level each (with levels of
+    0.1 0.5 1.0 and ten episodes each, a plain MLP behaviour cloner never solved disassemble; see README)"""
     episodes_per_level: int = 30
     """episodes collected per seen task and noise level"""
     max_episode_steps: int = 500
@@ -163,9 +163,10 @@ class Args:
     save_model: bool = False
     """write runs/{run_name}/checkpoint.pt at the end"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint (its own arguments are used: other values are refused, except for
-    --cuda, --cuda-graph, --threads, --dataset-dir) to its `total_steps`, or to `--total-steps` when that is
-    given (a finished run is trained further; its final checkpoint is kept)"""
+    """continue the run of this checkpoint to its `total_steps`, or to `--total-steps` when that is given (a finished
+    run is trained further; its final checkpoint is kept). It runs with its own arguments: other values are refused,
+    except for where and how it runs (--cuda, --cuda-graph, --compile, --threads) and where its data lies
+    (--dataset-dir)"""
     eval_only: bool = False
     """evaluate `--checkpoint` on its run's train_tasks and test_tasks (or on those given), no training"""
     checkpoint: Optional[str] = None
