@@ -20,6 +20,7 @@ import resource
 import shutil
 import sys
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -568,9 +569,9 @@ class Agent:
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
         if args.compile:  # inductor fuses each part's many small kernels; on CUDA the graph then records the fused ones
-            for policy in (self.policy, self.policy_ema):
-                policy.diffusion.sample = torch.compile(policy.diffusion.sample)
-                policy.diffusion.loss = torch.compile(policy.diffusion.loss)
+            for policy in (self.policy, self.policy_ema):  # (bound with MethodType, so that a deepcopy rebinds them)
+                policy.diffusion.sample = types.MethodType(torch.compile(Diffusion.sample), policy.diffusion)
+                policy.diffusion.loss = types.MethodType(torch.compile(Diffusion.loss), policy.diffusion)
                 if policy.traj_encoder is not None:
                     policy.traj_encoder.compile()
             for critic in (self.critic, self.critic_target):

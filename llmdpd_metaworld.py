@@ -25,6 +25,7 @@ import resource
 import shutil
 import sys
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -156,6 +157,8 @@ class Args:
     """evaluation episodes per task, all stepped together through one batched policy call"""
     eval_candidates: int = 50
     """actions sampled per state at evaluation; one is drawn by softmax over the target critics' min Q"""
+    eval_processes: bool = False
+    """step each task's evaluation environments in parallel processes (one per episode), where cores are free"""
     log_every: int = 100
     """log losses every this many steps"""
     save_every: int = 0
@@ -601,9 +604,9 @@ class Agent:
         self.policy_params = list(self.policy.parameters())
         self.ema_prompts = None  # the EMA policy's prompt embeddings change only when the EMA policy does
         if args.compile:  # inductor fuses each part's many small kernels; on CUDA the graph then records the fused ones
-            for policy in (self.policy, self.policy_ema):
-                policy.diffusion.sample = torch.compile(policy.diffusion.sample)
-                policy.diffusion.loss = torch.compile(policy.diffusion.loss)
+            for policy in (self.policy, self.policy_ema):  # (bound with MethodType, so that a deepcopy rebinds them)
+                policy.diffusion.sample = types.MethodType(torch.compile(Diffusion.sample), policy.diffusion)
+                policy.diffusion.loss = types.MethodType(torch.compile(Diffusion.loss), policy.diffusion)
                 if policy.traj_encoder is not None:
                     policy.traj_encoder.compile()
             for critic in (self.critic, self.critic_target):
@@ -943,37 +946,54 @@ def sample_batch(replay: dict, batch_size: int, single_task: bool) -> dict:
 # ======================================================================================================
 # Evaluation: success rate (success at any step of the episode), all episodes of a task stepped together
 # ======================================================================================================
+class EvaluationEnv(gym.Wrapper):
+    """Environment `index` of a vector env: each reset first sets the variation at `index` of the list given as
+    options["variations"] (one variation per environment, for the episodes that this reset starts)."""
+
+    def __init__(self, env_class, index: int):
+        super().__init__(env_class())
+        self.index = index
+
+    def reset(self, *, seed=None, options=None):
+        self.env.set_task(options["variations"][self.index])
+        return self.env.reset(seed=seed)
+
+
 @functools.lru_cache(maxsize=None)
-def evaluation_envs(task: str, n_envs: int, seed: int) -> tuple:
-    """`n_envs` environments of `task` and the 50 fixed variations (object and goal positions, goal visible) of an
-    MT1 benchmark seeded by `seed`. Made once per run and task: building a benchmark takes about a second."""
+def evaluation_envs(task: str, n_envs: int, seed: int, processes: bool = False) -> tuple:
+    """A vector env of `n_envs` environments of `task`, stepped one after another in this process or, with
+    `processes`, each in its own process (gymnasium's AsyncVectorEnv), and the 50 fixed variations (object and goal
+    positions, goal visible) of an MT1 benchmark seeded by `seed`. Made once per run and task: building a benchmark
+    takes about a second."""
     import metaworld
 
     benchmark = metaworld.MT1(f"{task}-v3", seed=seed)
-    return [benchmark.train_classes[f"{task}-v3"]() for _ in range(n_envs)], benchmark.train_tasks
+    make_envs = [functools.partial(EvaluationEnv, benchmark.train_classes[f"{task}-v3"], i) for i in range(n_envs)]
+    vector_env = gym.vector.AsyncVectorEnv(make_envs) if processes else gym.vector.SyncVectorEnv(make_envs)
+    return vector_env, benchmark.train_tasks
 
 
-def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int) -> dict:
+def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int,
+                 processes: bool = False) -> dict:
     """Episode i runs variation i of the task's MT1 benchmark (seeded by `seed`), so every evaluation sees the same
     episodes. `policy_fn` maps a (n, obs_dim) array of states to a (n, act_dim) array of actions; `n_parallel`
-    episodes share each call (1 gives the one-env-at-a-time loop)."""
-    envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + seed)
-    successes, returns, env_steps = [], [], 0
+    episodes share each call (1 gives the one-env-at-a-time loop), their environments stepped in parallel
+    processes with `processes`."""
+    if n_episodes % n_parallel:
+        raise ValueError(f"{n_episodes} episodes cannot be run {n_parallel} at a time")
+    envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + seed, processes)
+    successes, returns = [], []
     for first in range(0, n_episodes, n_parallel):
-        envs_now = envs[: min(n_parallel, n_episodes - first)]
-        for episode, env in enumerate(envs_now, start=first):
-            env.set_task(variations[episode % len(variations)])
-        obs = np.stack([env.reset()[0] for env in envs_now])
-        success, episode_return = np.zeros(len(envs_now)), np.zeros(len(envs_now))
+        episodes = range(first, first + n_parallel)
+        obs, _ = envs.reset(options={"variations": [variations[episode % len(variations)] for episode in episodes]})
+        success, episode_return = np.zeros(n_parallel), np.zeros(n_parallel)
         for _ in range(max_steps):
-            actions = policy_fn(obs)
-            for i, env in enumerate(envs_now):
-                obs[i], reward, _, _, info = env.step(actions[i])
-                success[i], episode_return[i] = max(success[i], info["success"]), episode_return[i] + reward
-            env_steps += len(envs_now)
+            obs, reward, _, _, info = envs.step(policy_fn(obs))
+            success, episode_return = np.maximum(success, info["success"]), episode_return + reward
         successes += list(success)
         returns += list(episode_return)
-    return dict(success_rate=float(np.mean(successes)), mean_return=float(np.mean(returns)), env_steps=env_steps)
+    return dict(success_rate=float(np.mean(successes)), mean_return=float(np.mean(returns)),
+                env_steps=n_episodes * max_steps)
 
 
 def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: torch.Tensor, args: Args,
@@ -987,7 +1007,7 @@ def evaluate(agent: Agent, task: str, llm_features: torch.Tensor, trajectory: to
         return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), task_prompts).cpu().numpy()
 
     return run_episodes(task, policy_fn, args.eval_episodes, args.seed, args.max_episode_steps,
-                        n_parallel or args.eval_episodes)
+                        n_parallel or args.eval_episodes, args.eval_processes)
 
 
 def evaluate_all(agent, args, task_llm_features, task_trajectories, device, writer=None, step=0) -> dict:
@@ -1080,7 +1100,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
         if args.resume:  # a resumed run is the same run: its own arguments, except where it runs, how long, and where
             # its data lies (not what it is: the trajectory prompts read from it are checked against the checkpoint's)
-            resumed = checkpoint_arguments(args, saved, flags_given, "--resume", ("cuda", "cuda_graph", "compile", "threads"),
+            resumed = checkpoint_arguments(args, saved, flags_given, "--resume",
+                                           ("cuda", "cuda_graph", "compile", "threads", "eval_processes"),
                                            ("total_steps", "dataset_dir"), resume=args.resume)
             total_steps = resumed.total_steps
             if total_steps != saved.total_steps and saved.lr_decay:
@@ -1096,7 +1117,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                          "resume the copy")
             args = resumed
         else:  # evaluate the saved model: on the run's own tasks and settings, or on those given here
-            args = checkpoint_arguments(args, saved, flags_given, "--eval-only", ("cuda", "compile", "threads"),
+            args = checkpoint_arguments(args, saved, flags_given, "--eval-only",
+                                        ("cuda", "compile", "threads", "eval_processes"),
                                         ("train_tasks", "test_tasks", "eval_episodes", "eval_candidates", "max_episode_steps",
                                          "seed", "dataset_dir", "embedding_cache_dir"),
                                         resume=None, eval_only=True, checkpoint=args.checkpoint)

@@ -1,5 +1,6 @@
 """Unit tests of the algorithm core (the text shared by both scripts)."""
 import dataclasses
+import io
 import math
 import os
 import random
@@ -364,7 +365,24 @@ def test_cuda_graph_replays_the_update(metaworld_script, flags, monkeypatch):
                              if getattr(agent, part) is not None for p in getattr(agent, part).parameters()])
         results.append((torch.stack(losses), weights))
     assert update.graph is not None and update.calls == len(batches) > update.warmup_steps
+    assert (agent.critic is not None and agent.critic._compiled_call_impl is not None) == bool(args.compile and args.eta)
     (eager_losses, eager_weights), (graph_losses, graph_weights) = results
     assert not torch.equal(eager_losses[-1], eager_losses[-2])  # new batches and draws at every step
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(graph_weights, eager_weights, rtol=1e-4, atol=1e-4)
+    if args.lr_decay:  # a checkpoint taken between replays (rates on the GPU) loads on the CPU with the same rates
+        buffer = io.BytesIO()
+        torch.save(agent.state_dict(), buffer)
+        buffer.seek(0)
+        restored, _, _ = make_agent(script, **flags)
+        restored.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
+        assert [group["lr"] for group in restored.policy_optimizer.param_groups] == \
+            pytest.approx([float(group["lr"]) for group in agent.policy_optimizer.param_groups])
+    # with learning rates of 0 the weights stay put, so losses on one batch change only if every replay draws new
+    # noise: from inductor's own generator with --compile (as runs draw it; the comparison above used eager draws)
+    monkeypatch.setattr("torch._inductor.config.fallback_random", False)
+    frozen_args = dataclasses.replace(args, actor_lr=0.0, critic_lr=0.0)
+    agent = script.Agent(5, 2, llm_features.cpu() if args.text_prompt else None, frozen_args, cuda)
+    update, same_batch = script.CUDAGraphUpdate(agent), {key: value.to(cuda) for key, value in batches[0].items()}
+    losses = [update(same_batch, llm_features, trajectories) for _ in range(update.warmup_steps + 3)]
+    assert update.graph is not None and not torch.equal(losses[-1], losses[-2])

@@ -5,6 +5,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,6 +224,18 @@ def test_embedded_default_llm(shared_dirs, tmp_path):
     assert "embedded with smollm2, 3 LLM forward passes" in result.stdout
     features = [torch.load(f) for f in glob.glob(str(tmp_path / "fresh-cache" / "*.pt"))]
     assert len(features) == 3 and all(f.shape == (576,) for f in features)  # SmolLM2-135M's hidden size
+
+
+def test_evaluation_in_processes_gives_the_same_episodes(metaworld_script):
+    """--eval-processes steps the same environments, variations and actions, each environment in its own process:
+    the same episodes as in this process, batched or one at a time."""
+    def policy_fn(obs):  # reach: move the hand (obs[:, :3]) towards the goal (the last 3), so that episodes succeed
+        return np.clip(10 * np.concatenate([obs[:, -3:] - obs[:, :3], np.zeros((len(obs), 1))], axis=1), -1, 1)
+
+    results = [metaworld_script.run_episodes("reach", policy_fn, 4, 1, 40, n_parallel, processes)
+               for n_parallel, processes in ((4, True), (4, False), (1, False))]
+    assert results[0] == results[1] == results[2]
+    assert results[0]["success_rate"] > 0 and results[0]["env_steps"] == 160
 
 
 def test_compile_where_nothing_can_compile_stops_at_once(tmp_path):
