@@ -303,13 +303,17 @@ def test_cuda_computes_what_the_cpu_does(script_name, request):
     assert chosen.shape == (7, 2) and chosen.is_cuda and chosen.abs().max() <= 1.0
 
 
+def learning_rates(agent) -> list:
+    return [group["lr"] for optimizer in (agent.policy_optimizer, agent.critic_optimizer) if optimizer is not None
+            for group in optimizer.param_groups]
+
+
 def test_lr_decay_rates_are_filled_in_place_while_capturable(metaworld_script):
     """With --lr-decay a CUDA graph must read each step's learning rate, so while the optimizers are capturable
     the rates are tensors that the schedulers fill in place; a checkpoint of that state loads back to float rates."""
     agent, _, _ = make_agent(metaworld_script, lr_decay=True, total_steps=4, actor_lr=1e-3, critic_lr=2e-3)
     agent.set_capturable(True)
-    rates = [group["lr"] for optimizer in (agent.policy_optimizer, agent.critic_optimizer)
-             for group in optimizer.param_groups]
+    rates = learning_rates(agent)
     assert all(isinstance(rate, torch.Tensor) for rate in rates)
     for _ in range(2):  # (no optimizer step taken: torch warns, harmlessly, that the schedulers ran first)
         with warnings.catch_warnings():
@@ -317,17 +321,15 @@ def test_lr_decay_rates_are_filled_in_place_while_capturable(metaworld_script):
             for scheduler in agent.schedulers:
                 scheduler.step()
     halfway = 0.5  # cosine from the initial rate to 0 over 4 steps, after 2
-    assert [group["lr"] for optimizer in (agent.policy_optimizer, agent.critic_optimizer)
-            for group in optimizer.param_groups][0] is rates[0]  # the same tensor, which a graph reads
+    assert learning_rates(agent)[0] is rates[0]  # the same tensor, which a graph reads
     torch.testing.assert_close(torch.stack(rates), torch.tensor([1e-3 * halfway, 2e-3 * halfway]))
     restored, _, _ = make_agent(metaworld_script, lr_decay=True, total_steps=4, actor_lr=1e-3, critic_lr=2e-3)
     restored.load_state_dict(agent.state_dict())
-    restored_rates = [group["lr"] for optimizer in (restored.policy_optimizer, restored.critic_optimizer)
-                      for group in optimizer.param_groups]
+    restored_rates = learning_rates(restored)
     assert all(isinstance(rate, float) for rate in restored_rates)
     assert restored_rates == pytest.approx([1e-3 * halfway, 2e-3 * halfway])
     restored.set_capturable(True)  # and back to tensors when a graph records again
-    assert all(isinstance(group["lr"], torch.Tensor) for group in restored.policy_optimizer.param_groups)
+    assert all(isinstance(rate, torch.Tensor) for rate in learning_rates(restored))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")
@@ -376,8 +378,8 @@ def test_cuda_graph_replays_the_update(metaworld_script, flags, monkeypatch):
         buffer.seek(0)
         restored, _, _ = make_agent(script, **flags)
         restored.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
-        assert [group["lr"] for group in restored.policy_optimizer.param_groups] == \
-            pytest.approx([float(group["lr"]) for group in agent.policy_optimizer.param_groups])
+        assert all(isinstance(rate, float) for rate in learning_rates(restored))
+        assert learning_rates(restored) == pytest.approx([float(rate) for rate in learning_rates(agent)])
     # with learning rates of 0 the weights stay put, so losses on one batch change only if every replay draws new
     # noise: from inductor's own generator with --compile (as runs draw it; the comparison above used eager draws)
     monkeypatch.setattr("torch._inductor.config.fallback_random", False)
