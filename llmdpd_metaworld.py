@@ -168,8 +168,8 @@ class Args:
     resume: Optional[str] = None
     """continue the run of this checkpoint to its `total_steps`, or to `--total-steps` when that is given (a finished
     run is trained further; its final checkpoint is kept). It runs with its own arguments: other values are refused,
-    except for where and how it runs (--cuda, --cuda-graph, --compile, --threads) and where its data lies
-    (--dataset-dir)"""
+    except for where and how it runs (--cuda, --cuda-graph, --compile, --threads, --eval-processes) and where its
+    data lies (--dataset-dir)"""
     eval_only: bool = False
     """evaluate `--checkpoint` on its run's train_tasks and test_tasks (or on those given), no training"""
     checkpoint: Optional[str] = None
