@@ -8,6 +8,11 @@ step of their final evaluation (runs of one variant that trained for different l
 evaluation. Meta-World runs give success rates per task and
 the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
 
+The event files of every run that goes into the table are copied to OUT/logs/<run> (a few hundred KB a run, no
+checkpoints), which is committed with the table, and OUT/logs is read along with --runs (a run in both is read from
+--runs): so the table can always be made again from logs, and a new run adds to the runs already tabulated. A
+section of OUT/results.md that no run read belongs to is kept as it was.
+
 With `--partial`, runs still going (or stopped, to be continued with `--resume`) are tabulated too: every run of a
 benchmark is cut at the last step that all of them have evaluated at, so the variants are compared at equal steps,
 and the table says "partial".
@@ -16,6 +21,7 @@ import argparse
 import collections
 import glob
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -45,13 +51,18 @@ def seeds_cell(finals: list, decimals: int) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="runs", help="folder of run directories")
+    parser.add_argument("--runs", nargs="+", default=["runs"], help="folders of run directories (OUT/logs is read too)")
     parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
     options = parser.parse_args()
+    archive = os.path.join(options.out, "logs")
+    run_dirs = {}  # run name -> its folder, the first of --runs then OUT/logs that holds it
+    for folder in [*options.runs, archive]:
+        for run_dir in sorted(glob.glob(os.path.join(folder, "*__*__*__*"))):
+            run_dirs.setdefault(os.path.basename(run_dir), run_dir)
     runs_read = []  # (benchmark, exp_name, seed, scalars)
-    for run_dir in sorted(glob.glob(os.path.join(options.runs, "*__*__*__*"))):
-        env, exp_name, seed, _ = os.path.basename(run_dir).split("__")
+    for name, run_dir in sorted(run_dirs.items()):
+        env, exp_name, seed, _ = name.split("__")
         scalars, tag = read_scalars(run_dir), final_tag(env)
         finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
         if not finished and not (options.partial and tag in scalars):
@@ -59,6 +70,10 @@ def main():
                   "--partial tabulates it)")
             continue
         runs_read.append((env, exp_name, int(seed), scalars))
+        if os.path.abspath(run_dir) != os.path.abspath(os.path.join(archive, name)):  # keep its logs with the table
+            os.makedirs(os.path.join(archive, name), exist_ok=True)
+            for event_file in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+                shutil.copy2(event_file, os.path.join(archive, name))
     partial_envs = set()
     for env in {env for env, *_ in runs_read} if options.partial else ():  # cut every run at the last common eval step
         runs = [s for e, _, _, s in runs_read if e == env]
@@ -134,8 +149,23 @@ def main():
         figure.tight_layout()
         figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
         lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]
-    with open(os.path.join(options.out, "results.md"), "w") as file:
-        file.write("\n".join(lines) + "\n")
+    table_path = os.path.join(options.out, "results.md")
+    sections = {}  # heading -> its lines: those made now, then the ones of the old table that no run read belongs to
+    kept, heading = {}, ""
+    for line in lines:
+        heading = line if line.startswith("### ") else heading
+        sections.setdefault(heading, []).append(line)
+    heading = ""
+    for line in open(table_path).read().splitlines() if os.path.exists(table_path) else []:
+        heading = line if line.startswith("### ") else heading
+        if heading.startswith("### ") and heading not in sections:
+            kept.setdefault(heading, []).append(line)
+    for heading in kept:
+        print(f"kept {heading[4:]!r} of {table_path} as it was: none of the runs read belongs to it")
+    sections.update({heading: kept_lines + [""] * (kept_lines[-1] != "") for heading, kept_lines in kept.items()})
+    lines = [line for heading in sorted(sections) for line in sections[heading]]
+    with open(table_path, "w") as file:
+        file.write("\n".join(lines).rstrip("\n") + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """The README's two commands and CI stay true to each other; the benchmark scripts run."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +70,23 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     table = (tmp_path / "partial" / "results.md").read_text()
     assert "Partial:" in table
     assert "| llmdpd | 1,2,3,4 | 1000 | 55.0 ± 29.6 | 55.0 ± 29.6 | 0.0 ± 0.0 |" in table, table
+
+    # the logs of the tabulated runs are kept beside the table and read from there once runs/ is gone; a section of
+    # the table that no run belongs to (one whose logs are lost) is kept as it was
+    archived = sorted(p.name for p in (tmp_path / "results" / "logs").iterdir())
+    assert archived == [f"metaworld__llmdpd__{seed}__100" for seed in (1, 2, 4)]
+    assert all(list((tmp_path / "results" / "logs" / name).glob("events.out.tfevents.*")) for name in archived)
+    with open(tmp_path / "results" / "results.md", "a") as file:
+        file.write("### Hopper-v5, from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n")
+    shutil.rmtree(tmp_path / "runs")
+    fake_run("wo-prompt", 1, 0.8, 2000)
+    result = collect("results")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
+    assert "| wo-prompt | 1 | 2000 | 80.0 | 80.0 | 0.0 |" in table
+    assert "### Hopper-v5, from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n\n###" in table
+    assert table.count("### metaworld") == 1 and "kept 'Hopper-v5, from logs" in result.stdout
 
 
 def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
