@@ -10,7 +10,9 @@ feature per task as SmolLM2 gives, 50-token trajectory prompts); `--variant` add
 graph as the script trains (the `-no-graph` variants launch every kernel from Python); the reference has no GPU
 option, so it then stays on the CPU and no ratio is printed. `--profile N` first profiles N steps of each variant
 and prints the busiest ops (and, on CUDA, the kernels per step and how busy the GPU is). The `-compile` variants
-run with `--compile` (compiled during the 20 warm-up steps, which are not timed).
+run with `--compile` (compiled during the 20 warm-up steps, which are not timed). `--phases` (CPU) also times the
+parts of our step that every Diffusion-QL step has, whatever the policy's loss: the target actions and Q-values of
+Eq. 6, and the critic update; what the rest of the step may take for a given ratio follows from them.
 """
 import argparse
 import json
@@ -28,7 +30,7 @@ import torch
 spec = importlib.util.spec_from_file_location("llmdpd", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 steps, threads, flags, device = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), torch.device(sys.argv[5])
-profile_steps = int(sys.argv[6])
+profile_steps, phase_steps = int(sys.argv[6]), int(sys.argv[7])
 if threads: torch.set_num_threads(threads)
 torch.manual_seed(0); random.seed(0)
 args = m.Args(**flags)
@@ -65,13 +67,43 @@ if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how 
         kernel_ms = sum(e.device_time for e in kernels) / 1e3 / profile_steps
         print(f"per step: {len(kernels) / profile_steps:.0f} GPU kernels, {kernel_ms:.2f} ms of kernel time in a "
               f"{1e3 / sps:.2f} ms step: the GPU is busy {kernel_ms * sps / 10:.0f}% of the time")
-print(json.dumps({"sps": sps, "warmup_s": warmup_s}))
+phase_ms = {}
+if phase_steps and agent.critic is not None:  # the parts of the step that do not depend on how the policy is trained
+    import torch.nn.functional as F
+    batch = m.sample_batch(replay, args.batch_size, False)
+    obs, next_obs, task_idx = batch["obs"], batch["next_obs"], batch["task_idx"]
+    critic_prompts = agent.critic_prompts(agent.policy.encode_prompts(llm_features, trajectories).detach())
+    def target():  # Eq. 6's target: the EMA policy's reverse chain and the target critics, without gradients
+        with torch.no_grad():
+            next_actions = agent.policy_ema(next_obs, agent.ema_prompts, task_idx)
+            agent.critic_target(next_obs, next_actions, critic_prompts, task_idx)
+    def critic():  # Eq. 6's regression of both critics, with its optimiser step
+        q1, q2 = agent.critic(obs, batch["actions"], critic_prompts, task_idx)
+        critic_loss = F.mse_loss(q1, batch["rewards"]) + F.mse_loss(q2, batch["rewards"])
+        agent.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if args.grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(agent.critic.parameters(), args.grad_norm)
+        agent.critic_optimizer.step()
+    def whole():
+        update(batch, llm_features, trajectories)
+    rounds = {"step": [], "target": [], "critic": []}  # interleaved rounds, their median: noise hits all alike
+    for _ in range(5):
+        for name, phase in (("step", whole), ("target", target), ("critic", critic)):
+            phase()
+            start = time.perf_counter()
+            for _ in range(max(1, phase_steps // 5)):
+                phase()
+            rounds[name].append(1e3 * (time.perf_counter() - start) / max(1, phase_steps // 5))
+    phase_ms = {name: sorted(values)[2] for name, values in rounds.items()}
+print(json.dumps({"sps": sps, "warmup_s": warmup_s, "phase_ms": phase_ms}))
 """
 
 VARIANTS = {
     "llmdpd": {},
     "llmdpd-one-step": {"one_step_action": True},
     "no-prompts": {"text_prompt": False, "traj_prompt": False},
+    "no-prompts-one-step": {"text_prompt": False, "traj_prompt": False, "one_step_action": True},
     "llmdpd-no-graph": {"cuda_graph": False},  # on CUDA: every kernel launched from Python (on the CPU: as llmdpd)
     "llmdpd-one-step-no-graph": {"one_step_action": True, "cuda_graph": False},
     "llmdpd-compile": {"compile": True},  # torch.compile'd parts, recorded in the CUDA graph on CUDA
@@ -79,15 +111,17 @@ VARIANTS = {
 }
 
 
-def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0) -> tuple:
-    """Steps/s, and the seconds its 20 warm-up steps took (compilation included)."""
+def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0, phases: bool = False) -> tuple:
+    """Steps/s, the seconds its 20 warm-up steps took (compilation included), and with `phases` the ms per call of
+    the whole step and of its target and critic parts."""
     out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device,
-                          str(profile_steps)], capture_output=True, text=True, check=True).stdout
+                          str(profile_steps), str(steps if phases else 0)], capture_output=True, text=True,
+                         check=True).stdout
     *profile_report, result = out.strip().splitlines()
     if profile_steps:
         print("\n".join(profile_report), flush=True)
     result = json.loads(result)
-    return result["sps"], result["warmup_s"]
+    return result["sps"], result["warmup_s"], result["phase_ms"]
 
 
 def run_reference(path: str, steps: int, threads: int) -> float:
@@ -106,8 +140,13 @@ def main():
     parser.add_argument("--cuda", action="store_true", help="run ours on the GPU (the reference stays on the CPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many more steps of each variant once and print where the time goes")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the parts of our step that any Diffusion-QL step has (the target actions and "
+                             "Q-values, the critic update) and print what that leaves for the rest at a given ratio")
     options = parser.parse_args()
     device = "cuda" if options.cuda else "cpu"
+    if options.phases and options.cuda:
+        parser.error("--phases times eager parts against the whole step, which on CUDA is a graph replay: CPU only")
     if options.profile:
         for name in options.variant:
             print(f"--- profile of {name} on {device}, {options.threads[0]} thread(s)", flush=True)
@@ -115,13 +154,16 @@ def main():
     for threads in options.threads:
         sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
         warmup_s = {name: [] for name in options.variant}
+        phase_ms = {name: [] for name in options.variant}
         for _ in range(options.repeats):
             if options.reference:
                 sps["reference"].append(run_reference(options.reference, options.steps, threads))
             for name in options.variant:
-                steps_per_s, seconds = run_ours(VARIANTS[name], options.steps, threads, device)
+                steps_per_s, seconds, phases = run_ours(VARIANTS[name], options.steps, threads, device,
+                                                        phases=options.phases)
                 sps[name].append(steps_per_s)
                 warmup_s[name].append(seconds)
+                phase_ms[name].append(phases)
         medians = {name: statistics.median(values) for name, values in sps.items()}
         for name, values in sps.items():
             # no ratio of our GPU step to the CPU reference: that compares machines, not steps
@@ -131,6 +173,20 @@ def main():
             warmup = f"  warm-up {statistics.median(warmup_s[name]):.1f} s" if name in warmup_s else ""
             print(f"threads={threads} {where:<4} {name:<16} median {medians[name]:6.1f} steps/s  "
                   f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}{warmup}", flush=True)
+        for name in options.variant if options.phases else ():
+            if not phase_ms[name][0]:
+                continue  # no critic (--eta 0): no target or critic part
+            part = {key: statistics.median(run[key] for run in phase_ms[name]) for key in phase_ms[name][0]}
+            shared = part["target"] + part["critic"]
+            print(f"threads={threads} phases of {name}: whole step {part['step']:.1f} ms, of which the target actions "
+                  f"and Q-values {part['target']:.1f} ms and the critic update {part['critic']:.1f} ms (medians)")
+            print(f"threads={threads} phases of {name}: the rest (prompts, L_d, the Q-term, the policy's optimiser "
+                  f"step) takes {part['step'] - shared:.1f} ms", end="")
+            if options.reference:  # Amdahl: what the rest may take for a ratio, if the shared parts stay as they are
+                reference_ms = 1e3 / medians["reference"]
+                print(f"; at the reference's {reference_ms:.1f} ms a step, 1.8x leaves {reference_ms / 1.8 - shared:.1f}"
+                      f" ms for it, 1.0x {reference_ms - shared:.1f} ms", end="")
+            print(flush=True)
 
 
 if __name__ == "__main__":
