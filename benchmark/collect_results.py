@@ -8,10 +8,11 @@ step of their final evaluation (runs of one variant that trained for different l
 evaluation. Meta-World runs give success rates per task and
 the seen/unseen means; D4RL runs give the normalised score. Every number is read from the logs, none typed in.
 
-The event files of every run that goes into the table are copied to OUT/logs/<run> (a few hundred KB a run, no
-checkpoints), which is committed with the table, and OUT/logs is read along with --runs (a run in both is read from
---runs): so the table can always be made again from logs, and a new run adds to the runs already tabulated. A
-section of OUT/results.md that no run read belongs to is kept as it was.
+The event files of every finished run that goes into the table are copied to OUT/logs/<run> (a few hundred KB a
+run, no checkpoints), which is committed with the table, and OUT/logs is read along with --runs: so the table can
+always be made again from logs, and a new run adds to the runs already tabulated. A run in both is read from --runs,
+unless only the archived copy is finished (as while a run is extended with --resume). A section of OUT/results.md
+that none of the runs read belongs to is kept as it was.
 
 With `--partial`, runs still going (or stopped, to be continued with `--resume`) are tabulated too: every run of a
 benchmark is cut at the last step that all of them have evaluated at, so the variants are compared at equal steps,
@@ -56,24 +57,29 @@ def main():
     parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
     options = parser.parse_args()
     archive = os.path.join(options.out, "logs")
-    run_dirs = {}  # run name -> its folder, the first of --runs then OUT/logs that holds it
+    run_dirs = collections.defaultdict(list)  # run name -> the folders that hold it, those of --runs first
     for folder in [*options.runs, archive]:
         for run_dir in sorted(glob.glob(os.path.join(folder, "*__*__*__*"))):
-            run_dirs.setdefault(os.path.basename(run_dir), run_dir)
-    runs_read = []  # (benchmark, exp_name, seed, scalars)
-    for name, run_dir in sorted(run_dirs.items()):
+            run_dirs[os.path.basename(run_dir)].append(run_dir)
+    runs_read, to_archive = [], []  # (benchmark, exp_name, seed, scalars); (run name, folder) of finished runs
+    for name, folders in sorted(run_dirs.items()):
         env, exp_name, seed, _ = name.split("__")
-        scalars, tag = read_scalars(run_dir), final_tag(env)
-        finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
-        if not finished and not (options.partial and tag in scalars):
-            print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
-                  "--partial tabulates it)")
-            continue
+        tag = final_tag(env)
+        for run_dir in folders:  # the first finished copy (a run being extended in runs/ is archived finished)
+            scalars = read_scalars(run_dir)
+            finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
+            if finished:
+                break
+        if not finished:  # tabulated with --partial only, from the first copy
+            run_dir = folders[0]
+            scalars = read_scalars(run_dir) if len(folders) > 1 else scalars
+            if not (options.partial and tag in scalars):
+                print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
+                      "--partial tabulates it)")
+                continue
         runs_read.append((env, exp_name, int(seed), scalars))
-        if os.path.abspath(run_dir) != os.path.abspath(os.path.join(archive, name)):  # keep its logs with the table
-            os.makedirs(os.path.join(archive, name), exist_ok=True)
-            for event_file in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
-                shutil.copy2(event_file, os.path.join(archive, name))
+        if finished and os.path.abspath(run_dir) != os.path.abspath(os.path.join(archive, name)):
+            to_archive.append((name, run_dir))  # only finished runs: an unfinished one may never finish
     partial_envs = set()
     for env in {env for env, *_ in runs_read} if options.partial else ():  # cut every run at the last common eval step
         runs = [s for e, _, _, s in runs_read if e == env]
@@ -85,6 +91,10 @@ def main():
         for s in runs:
             for tag in list(s):
                 s[tag] = [(step, value) for step, value in s[tag] if step <= common_step]
+    for name, run_dir in to_archive:  # keep the logs with the table
+        os.makedirs(os.path.join(archive, name), exist_ok=True)
+        for event_file in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+            shutil.copy2(event_file, os.path.join(archive, name))
     groups = collections.defaultdict(list)  # (benchmark, exp_name, steps) -> [(seed, scalars)]
     for env, exp_name, seed, scalars in runs_read:
         groups[(env, exp_name, scalars[final_tag(env)][-1][0])].append((seed, scalars))
@@ -151,16 +161,16 @@ def main():
         lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]
     table_path = os.path.join(options.out, "results.md")
     sections = {}  # heading -> its lines: those made now, then the ones of the old table that no run read belongs to
-    kept, heading = {}, ""
+    kept, heading = {}, ""  # "": the lines before the first heading, if any
     for line in lines:
         heading = line if line.startswith("### ") else heading
         sections.setdefault(heading, []).append(line)
     heading = ""
     for line in open(table_path).read().splitlines() if os.path.exists(table_path) else []:
         heading = line if line.startswith("### ") else heading
-        if heading.startswith("### ") and heading not in sections:
+        if heading not in sections:
             kept.setdefault(heading, []).append(line)
-    for heading in kept:
+    for heading in filter(None, kept):
         print(f"kept {heading[4:]!r} of {table_path} as it was: none of the runs read belongs to it")
     sections.update({heading: kept_lines + [""] * (kept_lines[-1] != "") for heading, kept_lines in kept.items()})
     lines = [line for heading in sorted(sections) for line in sections[heading]]

@@ -70,13 +70,14 @@ if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how 
 phase_ms = {}
 if phase_steps and agent.critic is not None:  # the parts of the step that do not depend on how the policy is trained
     import torch.nn.functional as F
-    batch = m.sample_batch(replay, args.batch_size, False)
+    batch = m.sample_batch(replay, args.batch_size, False)  # one batch for the two parts
     obs, next_obs, task_idx = batch["obs"], batch["next_obs"], batch["task_idx"]
-    critic_prompts = agent.critic_prompts(agent.policy.encode_prompts(llm_features, trajectories).detach())
+    critic_prompts = agent.critic_prompts(agent.policy.encode_prompts(llm_features, trajectories))  # detached
     def target():  # Eq. 6's target: the EMA policy's reverse chain and the target critics, without gradients
         with torch.no_grad():
             next_actions = agent.policy_ema(next_obs, agent.ema_prompts, task_idx)
-            agent.critic_target(next_obs, next_actions, critic_prompts, task_idx)
+            target_q1, target_q2 = agent.critic_target(next_obs, next_actions, critic_prompts, task_idx)
+            batch["rewards"] + batch["not_done"] * args.gamma * torch.min(target_q1, target_q2)
     def critic():  # Eq. 6's regression of both critics, with its optimiser step
         q1, q2 = agent.critic(obs, batch["actions"], critic_prompts, task_idx)
         critic_loss = F.mse_loss(q1, batch["rewards"]) + F.mse_loss(q2, batch["rewards"])
@@ -85,8 +86,9 @@ if phase_steps and agent.critic is not None:  # the parts of the step that do no
         if args.grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(agent.critic.parameters(), args.grad_norm)
         agent.critic_optimizer.step()
-    def whole():
-        update(batch, llm_features, trajectories)
+    next_step = iter(range(20 + steps + profile_steps, 10**9))
+    def whole():  # as timed above, and as the reference's step: its batch drawn, its EMA update every 5 steps
+        train(next(next_step), 1)
     rounds = {"step": [], "target": [], "critic": []}  # interleaved rounds, their median: noise hits all alike
     for _ in range(5):
         for name, phase in (("step", whole), ("target", target), ("critic", critic)):
@@ -115,8 +117,10 @@ def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: 
     """Steps/s, the seconds its 20 warm-up steps took (compilation included), and with `phases` the ms per call of
     the whole step and of its target and critic parts."""
     out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device,
-                          str(profile_steps), str(steps if phases else 0)], capture_output=True, text=True,
-                         check=True).stdout
+                          str(profile_steps), str(steps if phases else 0)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: the {json.dumps(flags)} step failed:\n{out.stderr[-3000:]}")
+    out = out.stdout
     *profile_report, result = out.strip().splitlines()
     if profile_steps:
         print("\n".join(profile_report), flush=True)
@@ -181,7 +185,7 @@ def main():
             print(f"threads={threads} phases of {name}: whole step {part['step']:.1f} ms, of which the target actions "
                   f"and Q-values {part['target']:.1f} ms and the critic update {part['critic']:.1f} ms (medians)")
             print(f"threads={threads} phases of {name}: the rest (prompts, L_d, the Q-term, the policy's optimiser "
-                  f"step) takes {part['step'] - shared:.1f} ms", end="")
+                  f"step, the target critics' and EMA updates, drawing the batch) takes {part['step'] - shared:.1f} ms", end="")
             if options.reference:  # Amdahl: what the rest may take for a ratio, if the shared parts stay as they are
                 reference_ms = 1e3 / medians["reference"]
                 print(f"; at the reference's {reference_ms:.1f} ms a step, 1.8x leaves {reference_ms / 1.8 - shared:.1f}"

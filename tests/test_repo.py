@@ -70,19 +70,29 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     table = (tmp_path / "partial" / "results.md").read_text()
     assert "Partial:" in table
     assert "| llmdpd | 1,2,3,4 | 1000 | 55.0 ± 29.6 | 55.0 ± 29.6 | 0.0 ± 0.0 |" in table, table
+    assert sorted(p.name for p in (tmp_path / "partial" / "logs").iterdir()) == [
+        f"metaworld__llmdpd__{seed}__100" for seed in (1, 2, 4)]  # an unfinished run's logs are not kept
 
     # the logs of the tabulated runs are kept beside the table and read from there once runs/ is gone; a section of
     # the table that no run belongs to (one whose logs are lost) is kept as it was
     archived = sorted(p.name for p in (tmp_path / "results" / "logs").iterdir())
     assert archived == [f"metaworld__llmdpd__{seed}__100" for seed in (1, 2, 4)]
     assert all(list((tmp_path / "results" / "logs" / name).glob("events.out.tfevents.*")) for name in archived)
-    with open(tmp_path / "results" / "results.md", "a") as file:
-        file.write("### Hopper-v5, from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n")
+    table = (tmp_path / "results" / "results.md").read_text()
+    (tmp_path / "results" / "results.md").write_text("Notes before the first heading.\n\n" + table + "### Hopper-v5, "
+                                                     "from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n")
     shutil.rmtree(tmp_path / "runs")
     fake_run("wo-prompt", 1, 0.8, 2000)
+    # seed 1 being extended with --resume: its copy in runs/ has a second event file and no final evaluation yet
+    shutil.copytree(tmp_path / "results" / "logs" / "metaworld__llmdpd__1__100", tmp_path / "runs" / "metaworld__llmdpd__1__100")
+    writer = SummaryWriter(str(tmp_path / "runs" / "metaworld__llmdpd__1__100"))
+    writer.add_scalar("charts/SPS", 20.0, 2500)
+    writer.close()
     result = collect("results")
     assert result.returncode == 0, result.stderr
+    assert "skipped" not in result.stdout  # the archived, finished copy of seed 1 is read
     table = (tmp_path / "results" / "results.md").read_text()
+    assert table.startswith("Notes before the first heading.\n\n###")
     assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
     assert "| wo-prompt | 1 | 2000 | 80.0 | 80.0 | 0.0 |" in table
     assert "### Hopper-v5, from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n\n###" in table
