@@ -65,14 +65,15 @@ def main():
     for name, folders in sorted(run_dirs.items()):
         env, exp_name, seed, _ = name.split("__")
         tag = final_tag(env)
-        for run_dir in folders:  # the first finished copy (a run being extended in runs/ is archived finished)
+        copies = []  # (folder, scalars) up to the first finished copy (a run being extended in runs/ is archived finished)
+        for run_dir in folders:
             scalars = read_scalars(run_dir)
+            copies.append((run_dir, scalars))
             finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
             if finished:
                 break
         if not finished:  # tabulated with --partial only, from the first copy
-            run_dir = folders[0]
-            scalars = read_scalars(run_dir) if len(folders) > 1 else scalars
+            run_dir, scalars = copies[0]
             if not (options.partial and tag in scalars):
                 print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
                       "--partial tabulates it)")
