@@ -50,6 +50,15 @@ def seeds_cell(finals: list, decimals: int) -> str:
     return f"{np.mean(finals):.{decimals}f} ± {np.std(finals):.{decimals}f}"
 
 
+def table_sections(lines: list) -> dict:
+    """A markdown table's lines by section: heading ("### ...") -> its lines; "" -> the lines before the first."""
+    sections, heading = {}, ""
+    for line in lines:
+        heading = line if line.startswith("### ") else heading
+        sections.setdefault(heading, []).append(line)
+    return sections
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["runs"], help="folders of run directories (OUT/logs is read too)")
@@ -161,16 +170,9 @@ def main():
         figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
         lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]
     table_path = os.path.join(options.out, "results.md")
-    sections = {}  # heading -> its lines: those made now, then the ones of the old table that no run read belongs to
-    kept, heading = {}, ""  # "": the lines before the first heading, if any
-    for line in lines:
-        heading = line if line.startswith("### ") else heading
-        sections.setdefault(heading, []).append(line)
-    heading = ""
-    for line in open(table_path).read().splitlines() if os.path.exists(table_path) else []:
-        heading = line if line.startswith("### ") else heading
-        if heading not in sections:
-            kept.setdefault(heading, []).append(line)
+    sections = table_sections(lines)  # those made now, then the ones of the old table that no run read belongs to
+    old_lines = open(table_path).read().splitlines() if os.path.exists(table_path) else []
+    kept = {heading: old for heading, old in table_sections(old_lines).items() if heading not in sections}
     for heading in filter(None, kept):
         print(f"kept {heading[4:]!r} of {table_path} as it was: none of the runs read belongs to it")
     sections.update({heading: kept_lines + [""] * (kept_lines[-1] != "") for heading, kept_lines in kept.items()})

@@ -90,13 +90,14 @@ if phase_steps and agent.critic is not None:  # the parts of the step that do no
     def whole():  # as timed above, and as the reference's step: its batch drawn, its EMA update every 5 steps
         train(next(next_step), 1)
     rounds = {"step": [], "target": [], "critic": []}  # interleaved rounds, their median: noise hits all alike
+    calls = max(1, phase_steps // 5)  # per round
     for _ in range(5):
         for name, phase in (("step", whole), ("target", target), ("critic", critic)):
             phase()
             start = time.perf_counter()
-            for _ in range(max(1, phase_steps // 5)):
+            for _ in range(calls):
                 phase()
-            rounds[name].append(1e3 * (time.perf_counter() - start) / max(1, phase_steps // 5))
+            rounds[name].append(1e3 * (time.perf_counter() - start) / calls)
     phase_ms = {name: sorted(values)[2] for name, values in rounds.items()}
 print(json.dumps({"sps": sps, "warmup_s": warmup_s, "phase_ms": phase_ms}))
 """
