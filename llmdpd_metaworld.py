@@ -28,7 +28,7 @@ import time
 import types
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -86,8 +86,8 @@ class Args:
     # Prompts (Eq. 1-3)
     llm: str = "smollm2"
     """frozen LLM for the text prompt: a Hugging Face id, a local folder, or `smollm2` (embedded, offline)"""
-    llm_dtype: str = "auto"
-    """LLM weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
+    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """LLM weights dtype: auto is bfloat16 on CUDA and float32 on the CPU; a run saves the one it used"""
     embedding_cache_dir: str = os.path.join("~", ".cache", "llmdpd", "text_embeddings")
     """on-disk cache of LLM prompt embeddings, keyed by LLM id, weights dtype and the exact prompt text"""
     text_prompt: bool = True
@@ -304,12 +304,16 @@ def masked_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) 
     return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def llm_weights_dtype(dtype: str, device: torch.device) -> str:
+    """--llm-dtype as the dtype the LLM runs in: auto is bfloat16 on CUDA and float32 on the CPU."""
+    return ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
+
+
 @torch.no_grad()
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str = "auto"):
     """M(prompt) of Eq. 1 for each prompt, from the disk cache when present. Returns (features, LLM forward passes)."""
     cache_dir = os.path.expanduser(cache_dir)
-    torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = getattr(torch, llm_weights_dtype(dtype, device))
     paths = [os.path.join(cache_dir, llm_cache_key(llm, torch_dtype, p) + ".pt") for p in prompts]
     features = {p: torch.load(path) for p, path in zip(prompts, paths) if os.path.exists(path)}
     missing = [p for p in dict.fromkeys(prompts) if p not in features]
@@ -1047,11 +1051,15 @@ def print_table(results: dict):
 # ======================================================================================================
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
-def check_tasks(tasks) -> None:
-    unknown = [task for task in tasks if task not in METAWORLD_TASKS]
+def check_tasks(train_tasks, test_tasks) -> None:
+    unknown = [task for task in train_tasks + test_tasks if task not in METAWORLD_TASKS]
     if unknown:
         sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (without -v3):\n  "
                  + " ".join(sorted(METAWORLD_TASKS)))
+    named_twice = sorted({task for task in train_tasks + test_tasks if (train_tasks + test_tasks).count(task) > 1})
+    if named_twice:  # a task is either seen (trained on) or unseen, and is reported once
+        sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
+                 "as seen or as unseen")
 
 
 def checkpoint_arguments(args: Args, saved: Args, flags_given, mode: str, run_on: tuple, may_change: tuple,
@@ -1059,10 +1067,10 @@ def checkpoint_arguments(args: Args, saved: Args, flags_given, mode: str, run_on
     """The arguments --resume and --eval-only run with: the checkpoint's (`saved`), except `run_on` (where it runs:
     this command line's, defaults included), the `may_change` flags given here, and `fixed`. Any other flag given
     another value than the checkpoint's (say --batch-size, or --llm) would be ignored, so it is refused, with the saved
-    value. None (the script's own choice, which the checkpoint holds) and another spelling of the same path are no
-    change."""
+    value. None and auto (the script's own choice, which the checkpoint holds) and another spelling of the same path
+    are no change."""
     def same(given, kept):
-        if given is None or given == kept:
+        if given is None or given == "auto" or given == kept:
             return True
         return isinstance(given, str) and isinstance(kept, str) and \
             os.path.realpath(os.path.expanduser(given)) == os.path.realpath(os.path.expanduser(kept))
@@ -1122,7 +1130,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
                                         ("train_tasks", "test_tasks", "eval_episodes", "eval_candidates", "max_episode_steps",
                                          "seed", "dataset_dir", "embedding_cache_dir"),
                                         resume=None, eval_only=True, checkpoint=args.checkpoint)
-    check_tasks(args.train_tasks + args.test_tasks)
+    check_tasks(args.train_tasks, args.test_tasks)
     if not 1 <= args.max_episode_steps <= 500:
         sys.exit("error: --max-episode-steps must be in [1, 500] (Meta-World stops every episode at 500)")
     if args.dataset_dir:
@@ -1135,6 +1143,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if not (args.resume or args.eval_only):  # saved as the dtype the LLM features are made in: an --eval-only run
+        args.llm_dtype = llm_weights_dtype(args.llm_dtype, device)  # embeds new tasks in it, on any device
     torch.set_float32_matmul_precision("high")
     if args.compile:
         check_compile(device)
@@ -1159,7 +1169,8 @@ def main(args: Args, flags_given: frozenset = frozenset()):
             sys.exit(f"error: {error}")
         llm_seconds = time.time() - start
         task_llm_features.update(zip(need_text, features))
-    print(f"text prompts: {len(need_text)} embedded with {args.llm}, {llm_forward_passes} LLM forward passes "
+    print(f"text prompts: {len(need_text)} embedded with {args.llm} ({llm_weights_dtype(args.llm_dtype, device)}), "
+          f"{llm_forward_passes} LLM forward passes "
           f"({len(need_text) - llm_forward_passes} from cache) in {llm_seconds:.1f}s"
           + (f", {len(all_tasks) - len(need_text)} from the checkpoint" if args.resume or args.eval_only else "")
           + ("" if args.text_prompt else " (--no-text-prompt)"), flush=True)

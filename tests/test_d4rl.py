@@ -6,6 +6,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_script
 
@@ -167,9 +168,13 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     assert "normalised score from the dataset's metadata" in result.stdout
     checkpoint = glob.glob(str(tmp_path / "runs" / "Hopper-v5__*" / "checkpoint.pt"))
     assert len(checkpoint) == 1
-    # the training command again, plus --eval-only: flags that agree with the checkpoint are accepted
+    saved_dtype = torch.load(checkpoint[0], weights_only=False)["args"]["llm_dtype"]
+    assert saved_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")  # what `auto` was, not `auto`
+    assert f"text prompt: embedded with {tiny_llm} ({saved_dtype}), 1 LLM forward passes" in result.stdout
+    # the training command again, plus --eval-only: flags that agree with the checkpoint are accepted (`auto` included)
     result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path", str(tmp_path / "hopper-tiny.hdf5"),
-                                            "--save-model", "--eval-only", "--checkpoint", checkpoint[0]), cwd=tmp_path)
+                                            "--save-model", "--eval-only", "--checkpoint", checkpoint[0], "--llm-dtype", "auto"),
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Hopper-v5" in result.stdout and "normalised score" in result.stdout
     # a flag that disagrees would be ignored (the model was trained on Hopper): refused, saying what the checkpoint has

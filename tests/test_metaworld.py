@@ -49,6 +49,8 @@ def test_tiny_run_trains_evaluates_and_logs(tiny_run, shared_dirs):
     assert len(run_dirs) == 1
     assert glob.glob(os.path.join(run_dirs[0], "events.out.tfevents.*"))
     assert os.path.exists(os.path.join(run_dirs[0], "checkpoint.pt"))
+    saved_dtype = torch.load(os.path.join(run_dirs[0], "checkpoint.pt"), weights_only=False)["args"]["llm_dtype"]
+    assert saved_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")  # what `auto` was, not `auto`
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dirs[0])
@@ -109,8 +111,8 @@ def test_resume_continues_from_the_saved_step(tiny_run, tiny_llm, shared_dirs, t
     run_dir = tmp_path / "runs" / "resumed"
     checkpoint = copy_of_tiny_run(tiny_run, run_dir, step=20)  # as if the run had stopped after its step-20 checkpoint
     # the run's own command again, plus --resume: flags that agree with the checkpoint are accepted
-    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--save-every", "10"), "--resume", str(checkpoint),
-                        cwd=tmp_path)
+    result = run_script(SCRIPT, *tiny_flags(shared_dirs, "--llm", tiny_llm, "--save-every", "10", "--llm-dtype", "auto"),
+                        "--resume", str(checkpoint), cwd=tmp_path)  # (auto: as the checkpoint resolved it)
     assert_finished(result)
     assert f"resuming {run_dir} at step 20" in result.stdout
     assert torch.load(checkpoint, weights_only=False)["step"] == 30
@@ -146,11 +148,16 @@ def test_resume_with_total_steps_trains_a_finished_run_further(tiny_run, tmp_pat
     assert torch.load(run_dir / "checkpoint-30.pt", weights_only=False)["step"] == 30  # the finished model is kept
     assert logged_steps(run_dir, "losses/diffusion_loss") == [10, 20, 30, 40]
     assert logged_steps(run_dir, "eval/seen_mean") == [30, 40]  # the old run's final evaluation, then the new one
-    # the resumed run's checkpoint, evaluated on a task it has never seen (its prompts are made now)
+    # the resumed run's checkpoint, evaluated on a task it has never seen: its prompt is embedded now, in the dtype the
+    # run's own prompts were embedded in (were it trained on CUDA: bfloat16), not the one `auto` means here
+    state = torch.load(checkpoint, weights_only=False)
+    state["args"]["llm_dtype"] = "bfloat16"
+    torch.save(state, checkpoint)
     result = run_script(SCRIPT, "--eval-only", "--checkpoint", str(checkpoint), "--test-tasks", "drawer-open",
                         "--eval-episodes", "1", "--dataset-dir", str(moved), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ["drawer-open", "unseen"] in [line.split()[:2] for line in result.stdout.splitlines()]
+    assert "text prompts: 1 embedded with " in result.stdout and "(bfloat16), 1 LLM forward passes" in result.stdout
 
 
 @pytest.mark.parametrize("total_steps, saved_args, message", [
@@ -221,7 +228,7 @@ def test_embedded_default_llm(shared_dirs, tmp_path):
     flags[flags.index("--embedding-cache-dir") + 1] = str(tmp_path / "fresh-cache")
     result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert_finished(result)
-    assert "embedded with smollm2, 3 LLM forward passes" in result.stdout
+    assert "embedded with smollm2 (" in result.stdout and "), 3 LLM forward passes" in result.stdout
     features = [torch.load(f) for f in glob.glob(str(tmp_path / "fresh-cache" / "*.pt"))]
     assert len(features) == 3 and all(f.shape == (576,) for f in features)  # SmolLM2-135M's hidden size
 
@@ -249,6 +256,12 @@ def test_unknown_task_lists_valid_names(tmp_path):
     result = run_script(SCRIPT, "--test-tasks", "box-clse", cwd=tmp_path)
     assert result.returncode != 0
     assert "unknown Meta-World task(s) ['box-clse']" in result.stderr and "box-close" in result.stderr
+
+
+def test_a_task_both_seen_and_unseen_is_refused(tmp_path):
+    result = run_script(SCRIPT, "--train-tasks", "reach", "push", "--test-tasks", "push", cwd=tmp_path)
+    assert result.returncode != 0 and "error: task(s) ['push'] named twice" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("llm, message", [("/no/such/folder", "neither a local model folder"),
