@@ -1052,11 +1052,12 @@ def print_table(results: dict):
 # Main: prompts -> data -> Algorithm 1 -> evaluation
 # ======================================================================================================
 def check_tasks(train_tasks, test_tasks) -> None:
-    unknown = [task for task in train_tasks + test_tasks if task not in METAWORLD_TASKS]
+    tasks = list(train_tasks) + list(test_tasks)
+    unknown = [task for task in tasks if task not in METAWORLD_TASKS]
     if unknown:
         sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (without -v3):\n  "
                  + " ".join(sorted(METAWORLD_TASKS)))
-    named_twice = sorted({task for task in train_tasks + test_tasks if (train_tasks + test_tasks).count(task) > 1})
+    named_twice = sorted({task for task in tasks if tasks.count(task) > 1})
     if named_twice:  # a task is either seen (trained on) or unseen, and is reported once
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
                  "as seen or as unseen")
@@ -1148,7 +1149,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
     torch.set_float32_matmul_precision("high")
     if args.compile:
         check_compile(device)
-    all_tasks = list(dict.fromkeys(args.train_tasks + args.test_tasks))
+    all_tasks = list(args.train_tasks) + list(args.test_tasks)  # each named once (check_tasks)
 
     # Prompts of every task (Eq. 1-2): the LLM runs only for prompts missing from the cache. A resumed run keeps its
     # LLM features (on another device the LLM could give other ones: bfloat16 on CUDA); its trajectory prompts are read
