@@ -64,11 +64,39 @@ def test_q_sample_and_posterior_match_closed_forms(metaworld_script):
         assert math.isclose(log_variance.exp().item(), max(variance.item(), 1e-20), rel_tol=1e-4)
 
 
-def test_reverse_chain_stays_in_action_bounds(metaworld_script):
-    noise_mlp = metaworld_script.NoiseMLP(3, 2, 0)
-    diffusion = metaworld_script.Diffusion(noise_mlp, 2, 5, clip_denoised=True)
-    actions = diffusion.sample(noise_mlp.condition(torch.randn(64, 3) * 100, None, torch.zeros(64, dtype=torch.long)))
-    assert actions.shape == (64, 2) and actions.abs().max() <= 1.0
+def test_reverse_chain_is_eq4_with_the_clean_action_clipped(metaworld_script):
+    """sample() against a DDPM chain written out here from the schedule's closed form: a^K ~ N(0, I), then
+    a^{k-1} = mu_k + sigma_k z with no noise at the last step, mu_k through the clean-action estimate clipped to the
+    action bounds (Diffusion-QL). Noise predictions biased away from 0 push that estimate out of bounds at times."""
+    T, n = 5, 64
+    torch.manual_seed(0)
+    noise_mlp = metaworld_script.NoiseMLP(3, 2, 0, hidden_dim=16)
+    with torch.no_grad():
+        noise_mlp.body[-1].bias.fill_(-0.5)
+    condition = noise_mlp.condition(torch.randn(n, 3), None, torch.zeros(n, dtype=torch.long)).detach()
+    t = np.arange(1, T + 1)
+    beta = torch.tensor(1 - np.exp(-0.1 / T - 0.5 * (10.0 - 0.1) * (2 * t - 1) / T**2))
+    alpha_bar = torch.cumprod(1 - beta, 0)
+    torch.manual_seed(1)
+    action, clipped = torch.randn(n, 2).double(), False
+    with torch.no_grad():
+        for k in reversed(range(T)):
+            eps = noise_mlp(action.float(), torch.full((1,), k), condition).double()
+            clean = (action - (1 - alpha_bar[k]).sqrt() * eps) / alpha_bar[k].sqrt()
+            clipped |= bool((clean.abs() > 1).any())
+            ab_prev = alpha_bar[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+            mean = (beta[k] * ab_prev.sqrt() * clean.clamp(-1, 1)
+                    + (1 - ab_prev) * (1 - beta[k]).sqrt() * action) / (1 - alpha_bar[k])
+            std = (beta[k] * (1 - ab_prev) / (1 - alpha_bar[k])).sqrt()
+            action = mean + std * torch.randn(n, 2).double() if k > 0 else mean
+    assert clipped and (action.abs() < 0.99).double().mean() > 0.25  # and a quarter or more inside the bounds
+    torch.manual_seed(1)
+    with torch.no_grad():
+        sampled = metaworld_script.Diffusion(noise_mlp, 2, T, clip_denoised=True).sample(condition)
+        torch.manual_seed(1)
+        unclipped = metaworld_script.Diffusion(noise_mlp, 2, T, clip_denoised=False).sample(condition)
+    torch.testing.assert_close(sampled, action.float(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(unclipped, sampled, atol=1e-2)
 
 
 def test_masked_mean_pool_ignores_padding(metaworld_script):
@@ -102,6 +130,10 @@ def test_d4rl_prompts_have_the_papers_fields(d4rl_script):
         assert prompt.startswith(d4rl_script.LLM_INSTRUCTION)
         for field in ("Task:", "Objective:", "Actions:", "Observations:", "Reward:", "Initial state:", "Termination:"):
             assert field in prompt, (env_id, field)
+    prompts = [d4rl_script.build_text_prompt(env_id) for env_id in ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5")]
+    assert len(set(prompts)) == 3
+    for prompt, name in zip(prompts, ("cheetah", "hopper", "walker")):
+        assert name in prompt.split("Task:")[1].split("\n")[0].lower(), prompt
 
 
 def test_embedding_cache_hit_skips_the_llm(metaworld_script, tiny_llm, tmp_path, monkeypatch):
@@ -117,8 +149,10 @@ def test_embedding_cache_hit_skips_the_llm(metaworld_script, tiny_llm, tmp_path,
     cached, passes = metaworld_script.llm_text_features(prompts, tiny_llm, str(tmp_path), torch.device("cpu"))
     assert passes == 0
     torch.testing.assert_close(cached, features)
-    with pytest.raises(AssertionError):  # another prompt, or another LLM id, is a miss
-        metaworld_script.llm_text_features(["third"], tiny_llm, str(tmp_path), torch.device("cpu"))
+    for other in (dict(prompts=["third"]), dict(llm=tiny_llm + "-other"), dict(dtype="bfloat16")):  # each a miss
+        call = {**dict(prompts=prompts, llm=tiny_llm, cache_dir=str(tmp_path), device=torch.device("cpu")), **other}
+        with pytest.raises(AssertionError, match="loaded on a cache hit"):
+            metaworld_script.llm_text_features(**call)
 
 
 def test_llm_embedding_is_the_mean_of_the_last_hidden_layer(metaworld_script, tiny_llm, tmp_path):
@@ -144,6 +178,12 @@ def test_missing_embedded_llm_package_says_how_to_install(metaworld_script, monk
 def test_bad_llm_path_fails_fast(metaworld_script, llm):
     with pytest.raises(metaworld_script.LLMLoadError, match="neither a local model folder"):
         metaworld_script.resolve_llm(llm)
+
+
+def test_a_folder_that_is_not_a_model_says_what_to_pass(metaworld_script, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(metaworld_script.LLMLoadError, match="could not be loaded .*Pass a local model folder"):
+        metaworld_script.llm_text_features(["a prompt"], str(tmp_path), str(tmp_path / "cache"), torch.device("cpu"))
 
 
 def test_uncached_hub_id_offline_fails_fast(metaworld_script):
@@ -198,8 +238,13 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.randn(32),
                  next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
     before = {name: p.clone() for name, p in agent.policy.named_parameters()}
+    if agent.args.one_step_action:  # the Q-term's action comes from L_d's forward pass, not from a reverse chain
+        agent.policy.diffusion.sample = lambda condition: pytest.fail("--one-step-action ran the reverse chain")
     losses = agent.update(batch, llm_features, trajectories)
+    vars(agent.policy.diffusion).pop("sample", None)
     assert torch.isfinite(losses).all()
+    prompted = agent.args.text_prompt or agent.args.traj_prompt
+    assert (agent.critic.q1.prompt_layer is not None) == (agent.args.critic_prompt and prompted)
     changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
     assert ("text_head" in changed) == agent.args.text_prompt
     assert ("traj_encoder" in changed) == agent.args.traj_prompt
@@ -208,10 +253,116 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     assert action.shape == (4, 2) and action.abs().max() <= 1
 
 
-def test_prompt_embeddings_distinguish_tasks(metaworld_script):
+def test_each_prompt_embedding_reads_its_own_prompt(metaworld_script):
+    """concat[z_text, z_tau]: z_text depends on the LLM features only, z_tau on the trajectory only."""
     agent, llm_features, trajectories = make_agent(metaworld_script)
-    prompts = agent.policy.encode_prompts(llm_features, trajectories)
-    assert prompts.shape == (2, 16) and not torch.allclose(prompts[0], prompts[1])
+    with torch.no_grad():
+        prompts = agent.policy.encode_prompts(llm_features, trajectories)
+        one_text = agent.policy.encode_prompts(llm_features[:1].expand(2, -1), trajectories)
+        one_trajectory = agent.policy.encode_prompts(llm_features, trajectories[:1].expand(2, -1, -1))
+    assert prompts.shape == (2, 16)
+    text, trajectory = slice(0, 8), slice(8, 16)
+    torch.testing.assert_close(one_text[0, text], one_text[1, text])  # same text, same z_text
+    assert not torch.allclose(one_text[0, trajectory], one_text[1, trajectory], atol=1e-4)
+    torch.testing.assert_close(one_trajectory[0, trajectory], one_trajectory[1, trajectory])
+    assert not torch.allclose(one_trajectory[0, text], one_trajectory[1, text], atol=1e-4)
+    torch.testing.assert_close(one_text[:, trajectory], prompts[:, trajectory])
+    torch.testing.assert_close(one_trajectory[:, text], prompts[:, text])
+    no_text, _, _ = make_agent(metaworld_script, text_prompt=False)  # w/o-z_text: the LLM features are not read
+    with torch.no_grad():
+        torch.testing.assert_close(no_text.policy.encode_prompts(llm_features, trajectories),
+                                   no_text.policy.encode_prompts(llm_features + 5.0, trajectories))
+    assert no_text.policy.encode_prompts(llm_features, trajectories).shape == (2, 8)
+
+
+def test_text_head_normalises_with_the_seen_tasks_statistics(metaworld_script):
+    torch.manual_seed(0)
+    seen = torch.randn(3, 12) * 4 + 7
+    head = metaworld_script.TextHead(seen, 8, normalise=True)
+    torch.testing.assert_close(head.feature_mean, seen.mean(0))
+    normalised = (seen - head.feature_mean) / head.feature_scale
+    torch.testing.assert_close(normalised.pow(2).mean(), torch.tensor(1.0))
+    one_task = metaworld_script.TextHead(seen[:1], 8, normalise=True)  # one task (D4RL): left as it is
+    assert torch.all(one_task.feature_mean == 0) and one_task.feature_scale == 1
+    raw = metaworld_script.TextHead(seen, 8, normalise=False)
+    assert torch.all(raw.feature_mean == 0) and raw.feature_scale == 1
+
+
+def batch_of(n: int, obs_dim: int = 5, act_dim: int = 2, **values) -> dict:
+    batch = dict(obs=torch.randn(n, obs_dim), actions=torch.rand(n, act_dim) * 2 - 1, rewards=torch.randn(n),
+                 next_obs=torch.randn(n, obs_dim), not_done=torch.ones(n), task_idx=torch.randint(2, (n,)))
+    return {**batch, **values}
+
+
+def test_critic_update_is_eq6_with_the_ema_policy_and_target_critics(metaworld_script):
+    """Eq. 6: target r + gamma * not_done * min(Q1', Q2')(s', a'), a' from the EMA policy; both critics regress on it;
+    then the target critics move by tau towards the critics."""
+    torch.manual_seed(0)
+    random.seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script, gamma=0.9, tau=0.1)
+    batch = batch_of(8, not_done=torch.tensor([1.0, 0.0] * 4))
+    ema_action = torch.tensor([0.5, -0.25])  # what the EMA policy proposes for every next state
+    agent.policy_ema.forward = lambda obs, prompts, task_idx: ema_action.expand(len(obs), 2)
+    # Q1' = s'_0 + 4 sum(a'), Q2' = -s'_0 + 4 sum(a'): their min, 1 - |s'_0|, takes each from one critic
+    agent.critic_target.forward = lambda obs, action, prompts, task_idx: (obs[:, 0] + 4 * action.sum(-1),
+                                                                          -obs[:, 0] + 4 * action.sum(-1))
+    target = batch["rewards"] + 0.9 * batch["not_done"] * (1 - batch["next_obs"][:, 0].abs())
+    with torch.no_grad():
+        q1, q2 = agent.critic(batch["obs"], batch["actions"], agent.policy.encode_prompts(llm_features, trajectories),
+                              batch["task_idx"])
+    old_targets = [p.clone() for p in agent.critic_target.parameters()]
+    old_critic = [p.clone() for p in agent.critic.parameters()]
+    losses = agent.update(batch, llm_features, trajectories)
+    torch.testing.assert_close(losses[0], torch.nn.functional.mse_loss(q1, target) + torch.nn.functional.mse_loss(q2, target))
+    critic = list(agent.critic.parameters())
+    assert not all(torch.equal(new, old) for new, old in zip(critic, old_critic))  # the critics took a step
+    for new_target, old_target, new_critic in zip(agent.critic_target.parameters(), old_targets, critic):
+        torch.testing.assert_close(new_target, old_target + 0.1 * (new_critic - old_target))
+
+
+def test_ema_policy_follows_diffusion_ql_schedule(metaworld_script):
+    """The EMA policy moves by (1 - decay) towards the policy every `ema_every` steps from `ema_start`, and the EMA
+    prompt embeddings used for the target actions follow it; before that it stays where it started."""
+    torch.manual_seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script, ema_start=10, ema_every=5, ema_decay=0.9)
+    agent.update(batch_of(16), llm_features, trajectories)
+    start = [p.clone() for p in agent.policy_ema.parameters()]
+    policy = [p.detach().clone() for p in agent.policy.parameters()]
+    assert not all(torch.equal(ema, p) for ema, p in zip(start, policy))
+    for step in (0, 5, 11, 12):  # before ema_start, or not a multiple of ema_every
+        agent.after_update(step, llm_features, trajectories)
+        assert all(torch.equal(ema, old) for ema, old in zip(agent.policy_ema.parameters(), start)), step
+    agent.after_update(10, llm_features, trajectories)
+    for ema, old, p in zip(agent.policy_ema.parameters(), start, policy):
+        torch.testing.assert_close(ema, old + 0.1 * (p - old))
+    with torch.no_grad():
+        torch.testing.assert_close(agent.ema_prompts, agent.policy_ema.encode_prompts(llm_features, trajectories))
+
+
+def test_act_draws_each_states_action_by_the_target_critics_min_q(metaworld_script):
+    """Diffusion-QL's acting: per state, candidates from the policy, one drawn by softmax over min(Q1', Q2'). The
+    stubbed policy's candidate c of state s is (s, c); the target critics agree only on candidate 2 of each state
+    (Q1' would pick 3, a max of the two would too), and only where the state and its candidate line up."""
+    torch.manual_seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script, eval_candidates=4)
+    n_states = 3
+    rows = torch.arange(n_states * 4)
+    agent.policy.diffusion.sample = lambda condition: torch.stack([rows // 4, rows % 4], 1).float()
+
+    def target_critics(obs, action, prompts, task_idx):
+        aligned = (action[:, 0] == obs[:, 0]).float()
+        candidate = action[:, 1]
+        return (aligned * (1e4 * (candidate == 2) + 2e4 * (candidate == 3)),
+                aligned * (1e4 * (candidate == 2) - 2e4 * (candidate == 3)))
+
+    agent.critic_target.forward = target_critics
+    obs = torch.zeros(n_states, 5)
+    obs[:, 0] = torch.arange(n_states)
+    with torch.no_grad():
+        prompts = agent.policy.encode_prompts(llm_features[:1], trajectories[:1])
+    for _ in range(5):
+        chosen = agent.act(obs, prompts)
+        torch.testing.assert_close(chosen, torch.tensor([[0.0, 2.0], [1.0, 2.0], [2.0, 2.0]]))
 
 
 def test_split_first_layer_equals_one_linear_on_the_concatenation(metaworld_script):
@@ -259,7 +410,9 @@ def test_trajectory_prompt_is_evenly_spaced(metaworld_script):
     prompt = metaworld_script.trajectory_prompt(obs, actions, 4)
     assert prompt.shape == (4, 3)
     assert prompt[:, 2].tolist() == [0.0, 3.0, 6.0, 9.0]
-    assert metaworld_script.trajectory_prompt(obs[:3], actions[:2], 5).shape == (5, 3)  # short episodes repeat rows
+    assert prompt[:, :2].tolist() == obs[[0, 3, 6, 9]].tolist()  # each state with the action taken in it
+    short = metaworld_script.trajectory_prompt(obs[:3], actions[:2], 5)  # short episodes repeat rows
+    assert short.tolist() == [[0, 1, 0], [0, 1, 0], [0, 1, 0], [2, 3, 1], [2, 3, 1]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")

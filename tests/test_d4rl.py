@@ -222,11 +222,14 @@ def test_end_to_end_on_a_minari_dataset(tiny_llm, tmp_path):
     assert "eval step      20" in result.stdout
 
 
-@pytest.mark.parametrize("data_flags", [[], ["--minari-id", "mujoco/hopper/medium-v0"],
-                                        ["--dataset-path", "no-such-file.hdf5"]])
-def test_missing_data_names_the_three_ways(data_flags, tmp_path):
+@pytest.mark.parametrize("data_flags, cause", [
+    ([], "neither --dataset-path nor --minari-id was given"),
+    (["--minari-id", "mujoco/hopper/medium-v0"], "'mujoco/hopper/medium-v0' is not local and HF_HUB_OFFLINE=1 forbids"),
+    (["--dataset-path", "no-such-file.hdf5"], "no-such-file.hdf5 does not exist")])
+def test_missing_data_names_the_cause_and_the_three_ways(data_flags, cause, tmp_path):
     result = run_script(SCRIPT, "--env-id", "Hopper-v5", "--dataset-dir", str(tmp_path / "empty"), *data_flags, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert cause in result.stderr
     assert "Three ways to get it" in result.stderr
     for way in ("1. a classic D4RL file", "2. a Minari dataset", "3. any HDF5 file in D4RL's layout"):
         assert way in result.stderr
