@@ -102,6 +102,30 @@ def test_hdf5_missing_keys_are_named(d4rl_script, tmp_path):
         d4rl_script.load_hdf5(str(path))
 
 
+def test_a_file_that_is_not_hdf5_is_refused(d4rl_script, tmp_path):
+    path = tmp_path / "notes.hdf5"
+    path.write_text("not HDF5")
+    with pytest.raises(SystemExit, match="cannot read .*notes.hdf5 as HDF5"):
+        d4rl_script.load_hdf5(str(path))
+
+
+def test_bad_checkpoints_are_refused_clearly(d4rl_script, tmp_path):
+    """The D4RL script's own checks (the Meta-World ones run end to end in test_metaworld.py)."""
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        d4rl_script.load_checkpoint(str(tmp_path / "garbage.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(SystemExit, match="is not an LLMDPD checkpoint"):
+        d4rl_script.load_checkpoint(str(tmp_path / "plain.pt"))
+    torch.save({"format": "llmdpd-checkpoint-v1", "script": "llmdpd_metaworld.py"}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="was written by llmdpd_metaworld.py, not by llmdpd_d4rl.py"):
+        d4rl_script.load_checkpoint(str(tmp_path / "other.pt"))
+    small = d4rl_script.Agent(5, 2, torch.randn(1, 12), d4rl_script.Args(hidden_dim=32), torch.device("cpu"))
+    large = d4rl_script.Agent(5, 2, torch.randn(1, 12), d4rl_script.Args(hidden_dim=64), torch.device("cpu"))
+    with pytest.raises(SystemExit, match="does not match this model"):
+        d4rl_script.restore_agent(large, {"agent": small.state_dict()}, "small.pt")
+
+
 def test_minari_loader(d4rl_script, tmp_path, monkeypatch):
     import minari
     from minari.data_collector import EpisodeBuffer

@@ -307,6 +307,36 @@ def test_bad_llm_gives_one_clear_message(llm, message, shared_dirs, tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-only"], "--eval-only needs --checkpoint PATH"),
+    (["--max-episode-steps", "501"], "--max-episode-steps must be in [1, 500]"),
+    (["--max-episode-steps", "0"], "--max-episode-steps must be in [1, 500]")])
+def test_bad_run_settings_are_refused_at_once(tmp_path, flags, message):
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_single_task_batches_draw_one_task_per_step(metaworld_script):
+    """--single-task-batches: Algorithm 1's loop, each batch from one task (task i ~ [1 : m])."""
+    import random
+
+    replay = dict(obs=torch.arange(12.0)[:, None], task_idx=torch.tensor([0] * 5 + [1] * 7), task_start=[0, 5, 12])
+    random.seed(0)
+    torch.manual_seed(0)
+    tasks = set()
+    for _ in range(20):
+        batch = metaworld_script.sample_batch(replay, 16, single_task=True)
+        assert len(set(batch["task_idx"].tolist())) == 1
+        task = batch["task_idx"][0].item()
+        low, high = replay["task_start"][task], replay["task_start"][task + 1]
+        assert batch["obs"].min() >= low and batch["obs"].max() < high
+        tasks.add(task)
+    assert tasks == {0, 1}
+    mixed = metaworld_script.sample_batch(replay, 256, single_task=False)
+    assert set(mixed["task_idx"].tolist()) == {0, 1}
+
+
 def test_resume_and_eval_only_together_are_refused(tmp_path):
     result = run_script(SCRIPT, "--resume", "a.pt", "--eval-only", "--checkpoint", "a.pt", cwd=tmp_path)
     assert result.returncode != 0 and "give one of them" in result.stderr
