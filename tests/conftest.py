@@ -61,3 +61,26 @@ def run_script(script: str, *args: str, cwd, extra_env=None, timeout=600) -> sub
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), "--threads", "1", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_training_state(checkpoint_one: str, checkpoint_two: str, step: int) -> None:
+    """Two checkpoints hold the same training state, bit for bit: every tensor of the agent (weights, EMA policy, target
+    critics, Adam's moments), the optimisers' settings and the random number generators."""
+    import torch
+
+    one, two = (torch.load(path, weights_only=False) for path in (checkpoint_one, checkpoint_two))
+    assert one["step"] == two["step"] == step
+    assert torch.equal(one["torch_rng"], two["torch_rng"]) and one["python_rng"] == two["python_rng"]
+
+    def tensors(state, prefix=""):
+        if isinstance(state, torch.Tensor):
+            return {prefix: state}
+        items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+        return {name: value for key, item in items for name, value in tensors(item, f"{prefix}/{key}").items()}
+
+    weights_one, weights_two = tensors(one["agent"]), tensors(two["agent"])
+    assert weights_one.keys() == weights_two.keys() and len(weights_one) > 50
+    differ = [name for name in weights_one if not torch.equal(weights_one[name], weights_two[name])]
+    assert not differ, differ[:10]
+    for optimizer in ("policy_optimizer", "critic_optimizer"):  # learning rates and Adam's settings
+        assert one["agent"][optimizer]["param_groups"] == two["agent"][optimizer]["param_groups"]

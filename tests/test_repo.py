@@ -27,7 +27,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert readme_commands()[1] in ci
 
 
-def test_requirements_pin_the_cpu_torch_wheel():
+def test_requirements_pin_torch_and_list_every_package():
     requirements = open(os.path.join(ROOT, "requirements.txt")).read().splitlines()
     assert "torch==2.13.0" in requirements
     for package in ("transformers", "gguf", "accelerate", "metaworld", "packaging", "minari", "tyro", "tensorboard",
