@@ -198,6 +198,12 @@ def make_agent(script, **overrides):
     return agent, llm_features, torch.randn(2, args.traj_prompt_len, 7)
 
 
+def batch_of(n: int, obs_dim: int = 5, act_dim: int = 2, **values) -> dict:
+    batch = dict(obs=torch.randn(n, obs_dim), actions=torch.rand(n, act_dim) * 2 - 1, rewards=torch.randn(n),
+                 next_obs=torch.randn(n, obs_dim), not_done=torch.ones(n), task_idx=torch.randint(2, (n,)))
+    return {**batch, **values}
+
+
 def test_policy_loss_ascends_q_as_in_eq8(metaworld_script):
     """With a critic whose Q grows with the action (Q = sum of action), Eq. 8 must push actions up: L_d pulls
     them to the dataset's 0, -lambda L_r pushes them to +1. The wrong sign would drive them to -1."""
@@ -222,8 +228,7 @@ def test_policy_loss_ascends_q_as_in_eq8(metaworld_script):
 def test_eta_zero_is_pure_behaviour_cloning(metaworld_script):
     agent, llm_features, trajectories = make_agent(metaworld_script, eta=0.0)
     assert agent.critic is None
-    batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.zeros(32),
-                 next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
+    batch = batch_of(32)
     losses = agent.update(batch, llm_features, trajectories)
     assert losses[0] == 0 and losses[2] == 0 and losses[1] > 0
     assert agent.act(torch.randn(3, 5), agent.policy.encode_prompts(llm_features[:1], trajectories[:1])).shape == (3, 2)
@@ -235,8 +240,7 @@ def test_eta_zero_is_pure_behaviour_cloning(metaworld_script):
 def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     torch.manual_seed(0)
     agent, llm_features, trajectories = make_agent(metaworld_script, **flags)
-    batch = dict(obs=torch.randn(32, 5), actions=torch.rand(32, 2) * 2 - 1, rewards=torch.randn(32),
-                 next_obs=torch.randn(32, 5), not_done=torch.ones(32), task_idx=torch.randint(2, (32,)))
+    batch = batch_of(32)
     before = {name: p.clone() for name, p in agent.policy.named_parameters()}
     if agent.args.one_step_action:  # the Q-term's action comes from L_d's forward pass, not from a reverse chain
         agent.policy.diffusion.sample = lambda condition: pytest.fail("--one-step-action ran the reverse chain")
@@ -286,12 +290,6 @@ def test_text_head_normalises_with_the_seen_tasks_statistics(metaworld_script):
     assert torch.all(one_task.feature_mean == 0) and one_task.feature_scale == 1
     raw = metaworld_script.TextHead(seen, 8, normalise=False)
     assert torch.all(raw.feature_mean == 0) and raw.feature_scale == 1
-
-
-def batch_of(n: int, obs_dim: int = 5, act_dim: int = 2, **values) -> dict:
-    batch = dict(obs=torch.randn(n, obs_dim), actions=torch.rand(n, act_dim) * 2 - 1, rewards=torch.randn(n),
-                 next_obs=torch.randn(n, obs_dim), not_done=torch.ones(n), task_idx=torch.randint(2, (n,)))
-    return {**batch, **values}
 
 
 def test_critic_update_is_eq6_with_the_ema_policy_and_target_critics(metaworld_script):
