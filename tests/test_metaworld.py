@@ -129,7 +129,8 @@ def test_a_resumed_run_is_the_run_that_never_stopped(tiny_llm, shared_dirs, tmp_
     (tmp_path / "straight").mkdir(), (tmp_path / "stopped").mkdir()
     straight = run_script(SCRIPT, *flags, "--total-steps", "20", cwd=tmp_path / "straight")
     stopped = run_script(SCRIPT, *flags, "--total-steps", "10", cwd=tmp_path / "stopped")
-    assert_finished(straight), assert_finished(stopped)
+    assert_finished(straight)
+    assert_finished(stopped)
     checkpoint = glob.glob(str(tmp_path / "stopped" / "runs" / "*" / "checkpoint.pt"))[0]
     resumed = run_script(SCRIPT, "--resume", checkpoint, "--total-steps", "20", "--no-cuda", cwd=tmp_path / "stopped")
     assert_finished(resumed)
