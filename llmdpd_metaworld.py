@@ -594,6 +594,9 @@ class Agent:
     def __init__(self, obs_dim: int, act_dim: int, seen_task_llm_features: Optional[torch.Tensor], args: Args,
                  device: torch.device):
         self.args = args
+        # the run's own Python draws (Eq. 8's coin on the CPU), saved in checkpoints: a library that draws from the
+        # global `random` (at import, on a cache miss) cannot shift them, so a resumed run is the run that never stopped
+        self.python_rng = random.Random(args.seed)
         self.policy = Policy(obs_dim, act_dim, seen_task_llm_features, args).to(device)
         self.policy_ema = copy.deepcopy(self.policy).requires_grad_(False)
         self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.actor_lr, fused=True)
@@ -670,7 +673,7 @@ class Agent:
                 use_q1 = torch.rand((), device=obs.device) < 0.5
                 q_new, q_other = torch.where(use_q1, q1_new, q2_new), torch.where(use_q1, q2_new, q1_new)
             else:  # a Python coin: selecting on the device costs 2-4% of a CPU step
-                q_new, q_other = (q1_new, q2_new) if random.random() < 0.5 else (q2_new, q1_new)
+                q_new, q_other = (q1_new, q2_new) if self.python_rng.random() < 0.5 else (q2_new, q1_new)
             q_loss = -q_new.mean() / q_other.abs().mean().detach()
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
         self.policy_optimizer.zero_grad(set_to_none=True)
@@ -797,7 +800,7 @@ def save_checkpoint(path: str, agent: Agent, step: int, args: Args, task_llm_fea
     """Atomic write: a crash mid-save never destroys the previous checkpoint."""
     state = dict(format="llmdpd-checkpoint-v1", script=os.path.basename(__file__), args=asdict(args), step=step,
                  agent=agent.state_dict(), task_llm_features=task_llm_features, task_trajectories=task_trajectories,
-                 torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
+                 torch_rng=torch.get_rng_state(), python_rng=agent.python_rng.getstate(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -938,10 +941,10 @@ def build_replay(episodes_per_task: list, device: torch.device) -> dict:
     return replay
 
 
-def sample_batch(replay: dict, batch_size: int, single_task: bool) -> dict:
+def sample_batch(replay: dict, batch_size: int, single_task: bool, python_rng: random.Random) -> dict:
     low, high = 0, len(replay["obs"])
     if single_task:  # Algorithm 1, line 2: one task i ~ [1 : m] per step
-        task = random.randrange(len(replay["task_start"]) - 1)
+        task = python_rng.randrange(len(replay["task_start"]) - 1)
         low, high = replay["task_start"][task], replay["task_start"][task + 1]
     index = torch.randint(low, high, (batch_size,), device=replay["obs"].device)
     return {key: value[index] for key, value in replay.items() if key != "task_start"}
@@ -1202,7 +1205,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
         restore_agent(agent, checkpoint, args.resume)
         start_step, run_dir = checkpoint["step"], os.path.dirname(os.path.abspath(args.resume))
         torch.set_rng_state(checkpoint["torch_rng"])
-        random.setstate(checkpoint["python_rng"])
+        agent.python_rng.setstate(checkpoint["python_rng"])
         if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         print(f"resuming {run_dir} at step {start_step}", flush=True)
@@ -1244,7 +1247,7 @@ def main(args: Args, flags_given: frozenset = frozenset()):
     update = update_function(agent, device)
     tick = time.time()
     for step in range(start_step, args.total_steps):
-        batch = sample_batch(replay, args.batch_size, args.single_task_batches)
+        batch = sample_batch(replay, args.batch_size, args.single_task_batches, agent.python_rng)
         window_losses.append(update(batch, seen_features, seen_trajectories))
         agent.after_update(step, seen_features, seen_trajectories)
         done = step + 1

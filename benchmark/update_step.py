@@ -25,14 +25,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "llmdpd_metaworld.py")
 
 WORKER = r"""
-import importlib.util, sys, time, json, random
+import importlib.util, sys, time, json
 import torch
 spec = importlib.util.spec_from_file_location("llmdpd", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 steps, threads, flags, device = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), torch.device(sys.argv[5])
 profile_steps, phase_steps = int(sys.argv[6]), int(sys.argv[7])
 if threads: torch.set_num_threads(threads)
-torch.manual_seed(0); random.seed(0)
+torch.manual_seed(0)
 args = m.Args(**flags)
 n_tasks, n = 3, 100_000
 llm_features, trajectories = torch.randn(n_tasks, 576), torch.randn(n_tasks, args.traj_prompt_len, m.OBS_DIM + m.ACT_DIM)
@@ -46,7 +46,7 @@ replay["task_start"] = [0, n // 3, 2 * n // 3, n]
 update = m.update_function(agent, device)  # as the script trains: a CUDA-graph replay on CUDA, unless --no-cuda-graph
 def train(first_step, n_steps):
     for step in range(first_step, first_step + n_steps):
-        losses = update(m.sample_batch(replay, args.batch_size, False), llm_features, trajectories)
+        losses = update(m.sample_batch(replay, args.batch_size, False, agent.python_rng), llm_features, trajectories)
         agent.after_update(step, llm_features, trajectories)
     losses.tolist()  # waits for the GPU's queue to drain
 start = time.perf_counter()
@@ -70,7 +70,7 @@ if profile_steps:  # where a step's time goes: the busiest ops, and on CUDA how 
 phase_ms = {}
 if phase_steps and agent.critic is not None:  # the parts of the step that do not depend on how the policy is trained
     import torch.nn.functional as F
-    batch = m.sample_batch(replay, args.batch_size, False)  # one batch for the two parts
+    batch = m.sample_batch(replay, args.batch_size, False, agent.python_rng)  # one batch for the two parts
     obs, next_obs, task_idx = batch["obs"], batch["next_obs"], batch["task_idx"]
     critic_prompts = agent.critic_prompts(agent.policy.encode_prompts(llm_features, trajectories))  # detached
     def target():  # Eq. 6's target: the EMA policy's reverse chain and the target critics, without gradients

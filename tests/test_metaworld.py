@@ -308,18 +308,18 @@ def test_single_task_batches_draw_one_task_per_step(metaworld_script):
     import random
 
     replay = dict(obs=torch.arange(12.0)[:, None], task_idx=torch.tensor([0] * 5 + [1] * 7), task_start=[0, 5, 12])
-    random.seed(0)
+    python_rng = random.Random(0)
     torch.manual_seed(0)
     tasks = set()
     for _ in range(20):
-        batch = metaworld_script.sample_batch(replay, 16, single_task=True)
+        batch = metaworld_script.sample_batch(replay, 16, True, python_rng)
         assert len(set(batch["task_idx"].tolist())) == 1
         task = batch["task_idx"][0].item()
         low, high = replay["task_start"][task], replay["task_start"][task + 1]
         assert batch["obs"].min() >= low and batch["obs"].max() < high
         tasks.add(task)
     assert tasks == {0, 1}
-    mixed = metaworld_script.sample_batch(replay, 256, single_task=False)
+    mixed = metaworld_script.sample_batch(replay, 256, False, python_rng)
     assert set(mixed["task_idx"].tolist()) == {0, 1}
 
 
