@@ -51,10 +51,10 @@ def test_q_sample_and_posterior_match_closed_forms(metaworld_script):
     torch.testing.assert_close(diffusion.predict_start_from_noise(noisy, k, noise), action, atol=1e-5, rtol=1e-5)
     # mu_theta of Eq. 4: 1/sqrt(alpha_k) (a^k - (1 - alpha_k)/sqrt(1 - alpha-bar_k) eps), when x0 is not clipped
     for step in range(T):
-        step_k = torch.full((1,), step)
+        time_features = diffusion.noise_mlp.time_features(torch.full((1,), step))
         condition = torch.zeros(1, diffusion.noise_mlp.obs_layer.out_features)
-        eps = diffusion.noise_mlp(noisy[step:step + 1], step_k, condition)
-        mean, log_variance = diffusion.p_mean_log_variance(noisy[step:step + 1], step_k, condition)
+        eps = diffusion.noise_mlp(noisy[step:step + 1], time_features, condition)
+        mean, log_variance = diffusion.p_mean_log_variance(noisy[step:step + 1], step, condition, time_features)
         alpha, beta, ab = 1 - diffusion.betas[step], diffusion.betas[step], diffusion.alphas_cumprod[step]
         expected = (noisy[step:step + 1] - beta / (1 - ab).sqrt() * eps) / alpha.sqrt()
         torch.testing.assert_close(mean, expected, atol=1e-4, rtol=1e-4)
@@ -81,7 +81,7 @@ def test_reverse_chain_is_eq4_with_the_clean_action_clipped(metaworld_script):
     action, clipped = torch.randn(n, 2).double(), False
     with torch.no_grad():
         for k in reversed(range(T)):
-            eps = noise_mlp(action.float(), torch.full((1,), k), condition).double()
+            eps = noise_mlp(action.float(), noise_mlp.time_features(torch.full((1,), k)), condition).double()
             clean = (action - (1 - alpha_bar[k]).sqrt() * eps) / alpha_bar[k].sqrt()
             clipped |= bool((clean.abs() > 1).any())
             ab_prev = alpha_bar[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
@@ -389,7 +389,27 @@ def test_split_first_layer_equals_one_linear_on_the_concatenation(metaworld_scri
     weight = torch.cat([net.action_layer.weight, net.time_layer.weight, net.obs_layer.weight, net.prompt_layer.weight], 1)
     inputs = torch.cat([action, net.time_mlp(k), obs, prompts[task_idx]], 1)
     expected = net.body(inputs @ weight.T + net.obs_layer.bias)
-    torch.testing.assert_close(net(action, k, net.condition(obs, prompts, task_idx)), expected)
+    torch.testing.assert_close(net(action, net.time_features(k), net.condition(obs, prompts, task_idx)), expected)
+
+
+def test_written_out_transformer_layer_is_torchs_layer(metaworld_script):
+    """TrajectoryEncoder runs nn.TransformerEncoder's layers through pre_norm_transformer_layer; it must give what the
+    layers themselves give, in value and in the gradient of every parameter and of the input."""
+    torch.manual_seed(0)
+    encoder = metaworld_script.TrajectoryEncoder(5, 2, prompt_len=7, out_dim=3, d_model=16, n_layers=2, n_heads=4)
+    with torch.no_grad():  # nn.TransformerEncoder starts its layers as copies of one: make them differ
+        for parameter in encoder.transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    tokens = torch.randn(3, 7, 16, requires_grad=True)
+    ours = tokens
+    for layer in encoder.transformer.layers:
+        ours = metaworld_script.pre_norm_transformer_layer(layer, ours)
+    theirs = encoder.transformer(tokens)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    parameters = [tokens] + list(encoder.transformer.parameters())
+    for ours_grad, theirs_grad in zip(torch.autograd.grad(ours, parameters, grad), torch.autograd.grad(theirs, parameters, grad)):
+        torch.testing.assert_close(ours_grad, theirs_grad)
 
 
 def test_mish_matches_torch_in_value_and_gradient(metaworld_script):
@@ -450,7 +470,8 @@ def test_cuda_computes_what_the_cpu_does(script_name, request):
         with torch.no_grad():
             prompts = agent.policy.encode_prompts(llm_features.to(device), trajectories.to(device))
             condition = agent.policy.condition(obs.to(device), prompts, task_idx.to(device))
-            noise = agent.policy.diffusion.noise_mlp(noisy_actions.to(device), k.to(device), condition)
+            noise_mlp = agent.policy.diffusion.noise_mlp
+            noise = noise_mlp(noisy_actions.to(device), noise_mlp.time_features(k.to(device)), condition)
             q1, q2 = agent.critic(obs.to(device), actions.to(device), prompts, task_idx.to(device))
         outputs[name] = [value.cpu() for value in (prompts, condition, noise, q1, q2)]
     for cpu_value, gpu_value in zip(outputs["cpu"], outputs["cuda"]):
