@@ -319,12 +319,16 @@ class MishFunction(torch.autograd.Function):
     forward also computes the derivative, and keeps only that for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def tanh_softplus(x: torch.Tensor) -> tuple:
+        """(s, w) = (sigmoid(x), tanh(softplus(x))), computed as p / (2 - p)."""
         s = torch.sigmoid(x)
         p = torch.rsub(s, 2.0).mul_(s)
-        two_minus_p = torch.rsub(p, 2.0)
-        w = p.div_(two_minus_p)
-        derivative = torch.mul(w, w, out=two_minus_p).neg_().add_(1.0).mul_(s).mul_(x).add_(w)
+        return s, p.div_(torch.rsub(p, 2.0))
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s, w = MishFunction.tanh_softplus(x)
+        derivative = (w * w).neg_().add_(1.0).mul_(s).mul_(x).add_(w)
         ctx.save_for_backward(derivative)
         return x * w
 
@@ -337,16 +341,14 @@ class MishFunction(torch.autograd.Function):
 class Mish(nn.Module):
     """Mish(x) = x * tanh(softplus(x)), the activation of Diffusion-QL. On CUDA torch's fused kernel is used. On the CPU
     that kernel is 2-3x slower than the same function from one sigmoid: `MishFunction` where autograd needs it, and
-    without autograd (target actions, evaluation) the same formula with fewer buffers."""
+    without autograd (target actions, evaluation) its formula alone."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return F.mish(x)
         if x.requires_grad and torch.is_grad_enabled():
             return MishFunction.apply(x)
-        s = torch.sigmoid(x)
-        p = torch.rsub(s, 2.0).mul_(s)
-        return p.div_(torch.rsub(p, 2.0)).mul_(x)
+        return MishFunction.tanh_softplus(x)[1].mul_(x)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
