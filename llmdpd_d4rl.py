@@ -680,13 +680,17 @@ class Agent:
         if self.critic is not None:
             # Eq. 7: Q of actions from the policy (full reverse chain, or the one-step estimate)
             new_actions = one_step_actions if args.one_step_action else self.policy.diffusion.sample(condition)
-            q1_new, q2_new = self.critic(obs, new_actions, critic_prompts, task_idx)
             # Eq. 8 with Diffusion-QL's lambda = eta / mean|Q_other|, the critic drawn at random (Alg. 1, line 9)
             if obs.is_cuda:  # the coin drawn on the device, so that a CUDA graph of this step redraws it at each replay
+                q1_new, q2_new = self.critic(obs, new_actions, critic_prompts, task_idx)
                 use_q1 = torch.rand((), device=obs.device) < 0.5
                 q_new, q_other = torch.where(use_q1, q1_new, q2_new), torch.where(use_q1, q2_new, q1_new)
-            else:  # a Python coin: selecting on the device costs 2-4% of a CPU step
-                q_new, q_other = (q1_new, q2_new) if self.python_rng.random() < 0.5 else (q2_new, q1_new)
+            else:  # a Python coin (selecting on the device costs 2-4% of a CPU step); Q_other only scales: no graph
+                q_net, other_net = ((self.critic.q1, self.critic.q2) if self.python_rng.random() < 0.5
+                                    else (self.critic.q2, self.critic.q1))
+                q_new = q_net(obs, new_actions, critic_prompts, task_idx)
+                with torch.no_grad():
+                    q_other = other_net(obs, new_actions, critic_prompts, task_idx)
             q_loss = -q_new.mean() / q_other.abs().mean().detach()
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
         self.policy_optimizer.zero_grad(set_to_none=True)
