@@ -107,6 +107,10 @@ VARIANTS = {
     "llmdpd-one-step": {"one_step_action": True},
     "no-prompts": {"text_prompt": False, "traj_prompt": False},
     "no-prompts-one-step": {"text_prompt": False, "traj_prompt": False, "one_step_action": True},
+    # what each prompt costs the one-step step: one part left out at a time
+    "no-traj-prompt-one-step": {"traj_prompt": False, "one_step_action": True},
+    "no-text-prompt-one-step": {"text_prompt": False, "one_step_action": True},
+    "no-critic-prompt-one-step": {"critic_prompt": False, "one_step_action": True},
     "llmdpd-no-graph": {"cuda_graph": False},  # on CUDA: every kernel launched from Python (on the CPU: as llmdpd)
     "llmdpd-one-step-no-graph": {"one_step_action": True, "cuda_graph": False},
     "llmdpd-compile": {"compile": True},  # torch.compile'd parts, recorded in the CUDA graph on CUDA
@@ -176,7 +180,7 @@ def main():
             ratio = f"  {medians[name] / medians['reference']:.2f}x reference" if compare else ""
             where = "cpu" if name == "reference" else device
             warmup = f"  warm-up {statistics.median(warmup_s[name]):.1f} s" if name in warmup_s else ""
-            print(f"threads={threads} {where:<4} {name:<16} median {medians[name]:6.1f} steps/s  "
+            print(f"threads={threads} {where:<4} {name:<25} median {medians[name]:6.1f} steps/s  "
                   f"(runs: {', '.join(f'{v:.1f}' for v in values)}){ratio}{warmup}", flush=True)
         for name in options.variant if options.phases else ():
             if not phase_ms[name][0]:
