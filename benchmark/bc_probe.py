@@ -42,7 +42,7 @@ def main():
                        episodes_per_level=options.episodes_per_level, seed=options.seed)
     n_tasks, observations, actions = len(args.train_tasks), [], []
     for task_idx, task in enumerate(args.train_tasks):
-        for episode in script.task_data(task, "train", args):
+        for episode in script.task_episodes(task, "train", args):
             one_hot = np.tile(np.eye(n_tasks)[task_idx], (len(episode.actions), 1))
             observations.append(np.concatenate([episode.observations[:-1], one_hot], axis=1))
             actions.append(episode.actions)

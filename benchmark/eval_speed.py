@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cuda", action="store_true", help="policy on the GPU")
-    parser.add_argument("--compile", action="store_true", help="the scripts' --compile (compiled in the warm-up runs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the policy call (compiled in the warm-up runs)")
     parser.add_argument("--processes", action="store_true",
                         help="Meta-World's --eval-processes: each environment of the batched loop in its own process")
     options = parser.parse_args()
@@ -45,27 +45,32 @@ def main():
     spec.loader.exec_module(module)
     torch.manual_seed(0)
     device = torch.device("cuda" if options.cuda else "cpu")
-    torch.set_float32_matmul_precision("high")  # as the scripts set it
     if options.script == "metaworld":
         args = module.Args(eval_episodes=options.episodes, eval_candidates=options.candidates,
-                           max_episode_steps=options.max_episode_steps, compile=options.compile,
-                           eval_processes=options.processes)
-        obs_dim, act_dim = module.OBS_DIM, module.ACT_DIM
+                           max_episode_steps=options.max_episode_steps, eval_processes=options.processes)
+        obs_dim, act_dim, task = module.OBS_DIM, module.ACT_DIM, options.task
     else:
         args = module.Args(env_id="Hopper-v5", eval_episodes=options.episodes, eval_candidates=options.candidates,
-                           compile=options.compile)
-        obs_dim, act_dim = 11, 3
+                           ref_min_score=0.0, ref_max_score=1.0)
+        obs_dim, act_dim, task = 11, 3, "Hopper-v5"
     llm_features, trajectory = torch.randn(576), torch.randn(args.traj_prompt_len, obs_dim + act_dim)
     agent = module.Agent(obs_dim, act_dim, llm_features[None], args, device)
-    agent.policy.eval()
+    if options.compile:
+        agent.act = torch.compile(agent.act)
+    with torch.no_grad():
+        task_prompt = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
+    env_steps, act = [0], agent.act
+
+    def counting_act(obs, prompt):  # one row per environment step
+        env_steps[0] += len(obs)
+        return act(obs, prompt)
+
+    agent.act = counting_act
 
     def run(n_parallel):
-        start = time.perf_counter()
-        if options.script == "metaworld":
-            result = module.evaluate(agent, options.task, llm_features, trajectory, args, device, n_parallel)
-        else:
-            result = module.evaluate(agent, llm_features, trajectory, args, device, n_parallel)
-        return result["env_steps"] / (time.perf_counter() - start)
+        env_steps[0], start = 0, time.perf_counter()
+        module.evaluate(agent, args, task, task_prompt, device, n_parallel)
+        return env_steps[0] / (time.perf_counter() - start)
 
     run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run); --compile compiles
     batched, single = run(None), run(1)
@@ -76,7 +81,7 @@ def main():
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")
     if options.script == "metaworld":
-        breakdown(module, agent, llm_features, trajectory, options, args.seed, 1e3 / single, device)
+        breakdown(module, act, task_prompt, options, args.seed, 1e3 / single, device)
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -89,7 +94,7 @@ def best_ms(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def breakdown(module, agent, llm_features, trajectory, options, seed: int, single_ms: float, device: torch.device):
+def breakdown(module, act, task_prompts, options, seed: int, single_ms: float, device: torch.device):
     """Where the one-env loop's time per env step (`single_ms`) goes, and what batching can save of it: never the
     MuJoCo time (env.step plus its share of env.reset), and with many candidates not the policy's arithmetic."""
     vector_env, variations = module.evaluation_envs(options.task, options.episodes, 10_000_000 + seed)  # the run's own
@@ -99,14 +104,12 @@ def breakdown(module, agent, llm_features, trajectory, options, seed: int, singl
     reset_ms = best_ms(lambda: [env.reset() for env in envs]) / len(envs)
     actions = np.random.default_rng(0).uniform(-1, 1, (20, module.ACT_DIM)).astype(np.float32)
     step_ms = best_ms(lambda: [env.step(action) for env in envs for action in actions]) / (len(envs) * len(actions))
-    with torch.no_grad():
-        task_prompts = agent.policy.encode_prompts(llm_features.to(device)[None], trajectory.to(device)[None])
     act_ms = {}
     for n_states in (1, options.episodes):  # from host states to host actions, as each evaluation step does
         obs = np.random.default_rng(1).standard_normal((n_states, module.OBS_DIM)).astype(np.float32)
 
         def policy_call():
-            return agent.act(torch.as_tensor(obs, device=device), task_prompts).cpu().numpy()
+            return act(torch.as_tensor(obs, device=device), task_prompts).cpu().numpy()
 
         policy_call()
         act_ms[n_states] = best_ms(lambda: [policy_call() for _ in range(10)]) / 10

@@ -70,7 +70,7 @@ def assert_same_training_state(checkpoint_one: str, checkpoint_two: str, step: i
 
     one, two = (torch.load(path, weights_only=False) for path in (checkpoint_one, checkpoint_two))
     assert one["step"] == two["step"] == step
-    assert torch.equal(one["torch_rng"], two["torch_rng"]) and one["python_rng"] == two["python_rng"]
+    assert torch.equal(one["torch_rng"], two["torch_rng"]) and one["agent"]["python_rng"] == two["agent"]["python_rng"]
 
     def tensors(state, prefix=""):
         if isinstance(state, torch.Tensor):
@@ -82,5 +82,5 @@ def assert_same_training_state(checkpoint_one: str, checkpoint_two: str, step: i
     assert weights_one.keys() == weights_two.keys() and len(weights_one) > 50
     differ = [name for name in weights_one if not torch.equal(weights_one[name], weights_two[name])]
     assert not differ, differ[:10]
-    for optimizer in ("policy_optimizer", "critic_optimizer"):  # learning rates and Adam's settings
-        assert one["agent"][optimizer]["param_groups"] == two["agent"][optimizer]["param_groups"]
+    for optimizer_one, optimizer_two in zip(one["agent"]["optimizers"], two["agent"]["optimizers"], strict=True):
+        assert optimizer_one["param_groups"] == optimizer_two["param_groups"]  # learning rates and Adam's settings

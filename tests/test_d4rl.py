@@ -67,14 +67,17 @@ def handmade(tmp_path):
     return path
 
 
-def test_hdf5_loader_keeps_terminals_and_timeouts_apart(d4rl_script, handmade):
+def test_hdf5_loader_keeps_terminals_and_timeouts_apart(d4rl_script, handmade, monkeypatch):
     transitions, _ = d4rl_script.load_hdf5(str(handmade))
     assert len(transitions["rewards"]) == 7
     np.testing.assert_array_equal(transitions["next_obs"][2], OBS[3])
     assert transitions["terminals"].tolist() == [False, False, True, False, False, False, False]
     assert transitions["timeouts"].tolist() == [False, False, False, False, True, False, False]
     assert d4rl_script.episode_bounds(transitions) == [(0, 3), (3, 5), (5, 7)]
-    replay = d4rl_script.build_replay(transitions, d4rl_script.torch.device("cpu"))
+    monkeypatch.setattr(d4rl_script, "env_dims", lambda args: (2, 3))  # the hand-made file's sizes
+    args = d4rl_script.Args(dataset_path=str(handmade), traj_prompt_len=3)
+    trajectories, replay = d4rl_script.load_data(args, None, torch.device("cpu"))
+    assert trajectories["Hopper-v5"][:, :2].tolist() == OBS[[7, 7, 8]].tolist()  # the last episode: rows 5 and 6
     # only the terminal stops the bootstrap; the timeout row keeps gamma * Q(s')
     assert replay["not_done"].tolist() == [1, 1, 0, 1, 1, 1, 1]
 
@@ -117,13 +120,12 @@ def test_bad_checkpoints_are_refused_clearly(d4rl_script, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(SystemExit, match="is not an LLMDPD checkpoint"):
         d4rl_script.load_checkpoint(str(tmp_path / "plain.pt"))
-    torch.save({"format": "llmdpd-checkpoint-v1", "script": "llmdpd_metaworld.py"}, tmp_path / "other.pt")
+    torch.save({"format": "llmdpd-checkpoint-v1", "script": "llmdpd_d4rl.py"}, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="written by another version of this script"):
+        d4rl_script.load_checkpoint(str(tmp_path / "old.pt"))
+    torch.save({"format": d4rl_script.CHECKPOINT_FORMAT, "script": "llmdpd_metaworld.py"}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="was written by llmdpd_metaworld.py, not by llmdpd_d4rl.py"):
         d4rl_script.load_checkpoint(str(tmp_path / "other.pt"))
-    small = d4rl_script.Agent(5, 2, torch.randn(1, 12), d4rl_script.Args(hidden_dim=32), torch.device("cpu"))
-    large = d4rl_script.Agent(5, 2, torch.randn(1, 12), d4rl_script.Args(hidden_dim=64), torch.device("cpu"))
-    with pytest.raises(SystemExit, match="does not match this model"):
-        d4rl_script.restore_agent(large, {"agent": small.state_dict()}, "small.pt")
 
 
 def test_minari_loader(d4rl_script, tmp_path, monkeypatch):
@@ -194,17 +196,17 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     assert len(checkpoint) == 1
     saved_dtype = torch.load(checkpoint[0], weights_only=False)["args"]["llm_dtype"]
     assert saved_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")  # what `auto` was, not `auto`
-    assert f"text prompt: embedded with {tiny_llm} ({saved_dtype}), 1 LLM forward passes" in result.stdout
+    assert f"text prompts: 1 embedded with {tiny_llm} ({saved_dtype}), 1 LLM forward passes" in result.stdout
     # the training command again, plus --eval-only: flags that agree with the checkpoint are accepted (`auto` included)
     result = run_script(SCRIPT, *tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path", str(tmp_path / "hopper-tiny.hdf5"),
                                             "--save-model", "--eval-only", "--checkpoint", checkpoint[0], "--llm-dtype", "auto"),
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Hopper-v5" in result.stdout and "normalised score" in result.stdout
+    assert "Hopper-v5" in result.stdout and "normalized_score" in result.stdout
     # a flag that disagrees would be ignored (the model was trained on Hopper): refused, saying what the checkpoint has
     result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint[0], "--env-id", "Walker2d-v5", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--env-id Walker2d-v5 (the checkpoint has --env-id Hopper-v5) would be ignored" in result.stderr
+    assert "--env-id 'Walker2d-v5' (the checkpoint has 'Hopper-v5')" in result.stderr
     # the dataset file may move: --resume reads it where it is now
     os.makedirs(tmp_path / "moved")
     os.replace(tmp_path / "hopper-tiny.hdf5", tmp_path / "moved" / "hopper-tiny.hdf5")
@@ -213,7 +215,7 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     flags[flags.index("--total-steps") + 1] = "40"
     result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert_finished(result)
-    assert "text prompt: from the checkpoint" in result.stdout  # the run's own LLM features: no LLM, no cache
+    assert "text prompts: 0 embedded" in result.stdout and "1 from the checkpoint" in result.stdout  # no LLM, no cache
     if not torch.cuda.is_available():  # (CUDA's index_select backward adds in no fixed order: not bit for bit there)
         # the resumed run is the run that never stopped: one 40-step run, evaluating at step 30 as the first run ended
         flags = tiny_flags(tiny_llm, str(tmp_path / "cache"), "--dataset-path", str(tmp_path / "moved" / "hopper-tiny.hdf5"),
@@ -228,7 +230,7 @@ def test_end_to_end_on_a_d4rl_file(tiny_llm, tmp_path):
     before = open(checkpoint[0], "rb").read()
     result = run_script(SCRIPT, "--resume", checkpoint[0], "--total-steps", "50", "--dataset-path",
                         str(tmp_path / "other.hdf5"), cwd=tmp_path)
-    assert result.returncode != 0 and "is not the dataset the run was trained on" in result.stderr
+    assert result.returncode != 0 and "is not the data it was trained on" in result.stderr
     assert open(checkpoint[0], "rb").read() == before
 
 

@@ -81,13 +81,13 @@ def test_eval_only_from_checkpoint(tiny_run, shared_dirs):
     """Evaluated on the CPU whatever trained it: on a GPU machine this loads a checkpoint written from CUDA."""
     cwd, _ = tiny_run
     checkpoint = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))[0]
-    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach",
-                        "--test-tasks", "push", "door-lock", "--eval-episodes", "2", "--max-episode-steps", "20",
-                        "--dataset-dir", shared_dirs["datasets"], "--no-cuda", cwd=cwd)
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "door-lock-v3",
+                        "--test-tasks", "push", "--eval-episodes", "2", "--dataset-dir", shared_dirs["datasets"],
+                        "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    # evaluated on the tasks named now: push, a seen task in training, is listed as unseen
-    assert any(line.split()[:2] == ["push", "unseen"] for line in result.stdout.splitlines()), result.stdout[-2000:]
-    assert "door-lock" in result.stdout and "unseen mean" in result.stdout
+    # evaluated on the tasks named now, each labelled by whether the checkpoint trained on it (not by the flag)
+    rows = [line.split()[:2] for line in result.stdout.splitlines()]
+    assert ["door-lock", "unseen"] in rows and ["push", "seen"] in rows, result.stdout[-2000:]
 
 
 def copy_of_tiny_run(tiny_run, run_dir, step=None, **saved_args):
@@ -202,7 +202,7 @@ def test_resume_refuses_data_that_is_not_the_runs(tiny_run, tmp_path):
     before = checkpoint.read_bytes()
     default_folder = tmp_path / "default-minari"
     result = run_script(SCRIPT, "--resume", str(checkpoint), cwd=tmp_path, extra_env={"MINARI_DATASETS_PATH": str(default_folder)})
-    assert result.returncode != 0 and "the trajectory prompts of ['push'] read from the datasets" in result.stderr
+    assert result.returncode != 0 and "the trajectory prompts of ['push'] read from the data differ" in result.stderr
     assert checkpoint.read_bytes() == before
     assert not default_folder.exists()  # the data was read from the run's own --dataset-dir, kept as it was not given
 
@@ -218,13 +218,14 @@ def test_eval_only_keeps_the_runs_own_tasks_and_settings(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--resume", "{checkpoint}", "--batch-size", "16"], "--batch-size 16 (the checkpoint has --batch-size 32) would be ignored"),
-    (["--resume", "{checkpoint}", "--no-text-prompt", "--eval-every=5"], "--eval-every 5 (the checkpoint has --eval-every 0), "
-     "--no-text-prompt (the checkpoint has --text-prompt) would be ignored. Leave those flags"),
+    (["--resume", "{checkpoint}", "--batch-size", "16"], "differ from them: --batch-size 16 (the checkpoint has 32)"),
+    (["--resume", "{checkpoint}", "--no-text-prompt", "--eval-every=5", "--batch-size=16"],
+     "differ from them: --text-prompt False (the checkpoint has True), --batch-size 16 (the checkpoint has 32). Leave"),
     (["--eval-only", "--checkpoint", "{checkpoint}", "--llm", "meta-llama/Meta-Llama-3-8B"],
-     "--llm meta-llama/Meta-Llama-3-8B (the checkpoint has --llm "),
+     "--llm 'meta-llama/Meta-Llama-3-8B' (the checkpoint has '"),
     (["--resume", "{checkpoint}", "--noise-levels", "0.1", "0.9"],
-     "--noise-levels 0.1 0.9 (the checkpoint has --noise-levels 0.1 0.5) would be ignored"),
+     "--noise-levels (0.1, 0.9) (the checkpoint has (0.1, 0.5))"),
+    (["--resume", "{checkpoint}", "--train-tasks", "reach"], "--train-tasks ('reach',) (the checkpoint has ('reach', 'push'))"),
 ])
 def test_resume_and_eval_only_refuse_flags_they_would_ignore(tiny_run, tmp_path, flags, message):
     checkpoint = copy_of_tiny_run(tiny_run, tmp_path / "runs" / "run", step=20)
@@ -264,7 +265,7 @@ def test_evaluation_in_processes_gives_the_same_episodes(metaworld_script):
     results = [metaworld_script.run_episodes("reach", policy_fn, 4, 1, 40, n_parallel, processes)
                for n_parallel, processes in ((4, True), (4, False), (1, False))]
     assert results[0] == results[1] == results[2]
-    assert results[0]["success_rate"] > 0 and results[0]["env_steps"] == 160
+    assert results[0]["success_rate"] > 0
 
 
 def test_compile_where_nothing_can_compile_stops_at_once(tmp_path):
@@ -313,19 +314,20 @@ def test_single_task_batches_draw_one_task_per_step(metaworld_script):
     """--single-task-batches: Algorithm 1's loop, each batch from one task (task i ~ [1 : m])."""
     import random
 
-    replay = dict(obs=torch.arange(12.0)[:, None], task_idx=torch.tensor([0] * 5 + [1] * 7), task_start=[0, 5, 12])
+    replay = dict(obs=torch.arange(12.0)[:, None], task_idx=torch.tensor([0] * 5 + [1] * 7))
+    args = metaworld_script.Args(train_tasks=("reach", "push"), batch_size=16, single_task_batches=True)
     python_rng = random.Random(0)
     torch.manual_seed(0)
     tasks = set()
     for _ in range(20):
-        batch = metaworld_script.sample_batch(replay, 16, True, python_rng)
-        assert len(set(batch["task_idx"].tolist())) == 1
+        batch = metaworld_script.sample_batch(replay, args, python_rng)
+        assert len(set(batch["task_idx"].tolist())) == 1 and len(batch["obs"]) == 16
         task = batch["task_idx"][0].item()
-        low, high = replay["task_start"][task], replay["task_start"][task + 1]
+        low, high = (0, 5) if task == 0 else (5, 12)
         assert batch["obs"].min() >= low and batch["obs"].max() < high
         tasks.add(task)
     assert tasks == {0, 1}
-    mixed = metaworld_script.sample_batch(replay, 256, False, python_rng)
+    mixed = metaworld_script.sample_batch(replay, metaworld_script.Args(batch_size=256), python_rng)
     assert set(mixed["task_idx"].tolist()) == {0, 1}
 
 

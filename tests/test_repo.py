@@ -110,12 +110,9 @@ def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
 
 def test_update_step_benchmark_prints_steps_per_second_and_a_profile():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "update_step.py"), "--variant", "llmdpd",
-                          "--threads", "1", "--steps", "2", "--repeats", "1", "--profile", "2",
-                          "--phases"],
+                          "no-prompts", "--threads", "1", "--steps", "2", "--repeats", "1", "--profile", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--- profile of llmdpd on cpu" in out.stdout and "aten::addmm" in out.stdout  # the busiest ops
-    assert float(re.search(r"threads=1 cpu  llmdpd\s+median\s+([\d.]+) steps/s", out.stdout).group(1)) > 0
-    step, target, critic = map(float, re.search(r"whole step ([\d.]+) ms, of which the target actions and Q-values "
-                                                r"([\d.]+) ms and the critic update ([\d.]+) ms", out.stdout).groups())
-    assert step > 0 and target > 0 and critic > 0 and "the rest (prompts" in out.stdout
+    for variant in ("llmdpd", "no-prompts"):
+        assert float(re.search(rf"threads=1 cpu  {variant}\s+median\s+([\d.]+) steps/s", out.stdout).group(1)) > 0
