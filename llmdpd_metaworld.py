@@ -334,15 +334,19 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
     return torch.stack([features[p] for p in prompts]), len(missing)
 
 
+def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple:
+    """s = sigmoid(x) and w = tanh(softplus(x)) from one sigmoid: with p = s (2 - s), w = p / (2 - p)."""
+    s = torch.sigmoid(x)
+    p = s * (2 - s)
+    return s, p.div_(2 - p)
+
+
 class MishFunction(torch.autograd.Function):
-    """Mish(x) = x tanh(softplus(x)) from one sigmoid: with s = sigmoid(x) and p = s (2 - s), tanh(softplus(x)) =
-    p / (2 - p) =: w. The forward also computes the derivative w + x s (1 - w^2), the one tensor kept for backward."""
+    """Mish(x) = x w. The forward also computes the derivative w + x s (1 - w^2), the one tensor kept for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(x)
-        p = s * (2 - s)
-        w = p / (2 - p)
+        s, w = sigmoid_and_tanh_softplus(x)
         ctx.save_for_backward(w + x * s * (1 - w * w))
         return x * w
 
@@ -352,10 +356,12 @@ class MishFunction(torch.autograd.Function):
 
 
 class Mish(nn.Module):
-    """Diffusion-QL's activation. torch's own kernel on CUDA; on the CPU, where that kernel is slow, MishFunction."""
+    """Diffusion-QL's activation: torch's own kernel on CUDA; on the CPU, where that kernel is slow, from one sigmoid."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.mish(x) if x.is_cuda else MishFunction.apply(x)
+        if x.is_cuda:
+            return F.mish(x)
+        return MishFunction.apply(x) if torch.is_grad_enabled() else x * sigmoid_and_tanh_softplus(x)[1]
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_hidden: int = 2) -> nn.Sequential:
@@ -412,10 +418,18 @@ class TrajectoryEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------
 # Noise-prediction network eps_theta(a^k, k, s, z) of Eq. 4-5: Diffusion-QL's 3x256 Mish MLP over
-# concat[a^k, emb(k), s, z], z = concat[z_text, z_tau] of the sample's task. Its first Linear is written as the sum
-# of a Linear on concat[a^k, emb(k)] and one on concat[s, z], the same function: the K steps of a reverse chain
-# then share the (s, z) part, `condition`, computed once.
+# concat[a^k, emb(k), s, z], z = concat[z_text, z_tau] of the sample's task. A Linear on a concatenation is the sum
+# of Linears on its parts, so the first layer is written as that sum: the K steps of a reverse chain share the
+# (s, z) part, `condition`, and z's part is computed once per task, not once per sample.
 # ------------------------------------------------------------------------------------------------------
+def init_as_one_linear(*layers: nn.Linear) -> None:
+    """Initialise Linears that together act as one Linear on their concatenated inputs as that one would be."""
+    bound = 1 / math.sqrt(sum(layer.in_features for layer in layers))
+    for parameter in (p for layer in layers for p in layer.parameters()):
+        nn.init.uniform_(parameter, -bound, bound)
+
+
+
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -434,17 +448,19 @@ class NoiseMLP(nn.Module):
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim * 2), Mish(),
                                       nn.Linear(time_dim * 2, time_dim))
         self.action_time_layer = nn.Linear(act_dim + time_dim, hidden_dim)
-        self.condition_layer = nn.Linear(obs_dim + prompt_dim, hidden_dim, bias=False)
+        self.obs_layer = nn.Linear(obs_dim, hidden_dim, bias=False)
+        self.prompt_layer = nn.Linear(prompt_dim, hidden_dim, bias=False)
         self.body = nn.Sequential(Mish(), *mlp(hidden_dim, hidden_dim, act_dim, n_hidden=2))
-        bound = 1 / math.sqrt(act_dim + time_dim + obs_dim + prompt_dim)  # initialised as the one Linear would be
-        for weight in (self.action_time_layer.weight, self.action_time_layer.bias, self.condition_layer.weight):
-            nn.init.uniform_(weight, -bound, bound)
+        init_as_one_linear(self.action_time_layer, self.obs_layer, self.prompt_layer)
 
-    def condition(self, obs: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        return self.condition_layer(torch.cat([obs, prompt], dim=-1))
+    def condition(self, obs: torch.Tensor, task_prompts: torch.Tensor, task_idx: torch.Tensor) -> torch.Tensor:
+        """The first layer's (s, z) part: task_prompts (tasks, prompt_dim), task_idx (B,) -> (B, hidden)."""
+        return self.obs_layer(obs) + self.prompt_layer(task_prompts).index_select(0, task_idx)
 
-    def forward(self, noisy_action: torch.Tensor, k: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.body(self.action_time_layer(torch.cat([noisy_action, self.time_mlp(k)], dim=-1)) + condition)
+    def forward(self, noisy_action: torch.Tensor, step_embedding: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """step_embedding: emb(k) = time_mlp(k) of each sample (B, time_dim), or one row that the batch shares."""
+        step_embedding = step_embedding.expand(len(noisy_action), -1)
+        return self.body(self.action_time_layer(torch.cat([noisy_action, step_embedding], dim=-1)) + condition)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -480,25 +496,28 @@ class Diffusion(nn.Module):
         """Forward process: a^k = sqrt(alpha-bar_k) a + sqrt(1 - alpha-bar_k) eps (inside Eq. 5)."""
         return self.sqrt_alphas_cumprod[k, None] * action + self.sqrt_one_minus_alphas_cumprod[k, None] * noise
 
-    def predict_start_from_noise(self, noisy_action: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def predict_start_from_noise(self, noisy_action: torch.Tensor, k, noise: torch.Tensor) -> torch.Tensor:
+        """k: each sample's step (B,), or an int that the whole batch shares."""
         x0 = self.sqrt_recip_alphas_cumprod[k, None] * noisy_action - self.sqrt_recipm1_alphas_cumprod[k, None] * noise
         return x0.clamp(-self.max_action, self.max_action) if self.clip_denoised else x0
 
-    def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor) -> torch.Tensor:
+    def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor, step_embedding: torch.Tensor):
         """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, through the (clipped) clean-action
         estimate as Diffusion-QL computes mu_theta."""
-        k = torch.full((noisy_action.shape[0],), step, dtype=torch.long, device=noisy_action.device)
-        x0 = self.predict_start_from_noise(noisy_action, k, self.noise_mlp(noisy_action, k, condition))
+        predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
+        x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
         if step == 0:
             return mean
         return mean + (0.5 * self.posterior_log_variance_clipped[step]).exp() * torch.randn_like(noisy_action)
 
     def sample(self, condition: torch.Tensor) -> torch.Tensor:
-        """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it)."""
+        """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it). The step
+        embeddings of all K steps come from one pass of the time MLP."""
         action = torch.randn(condition.shape[0], self.act_dim, device=condition.device)
+        step_embeddings = self.noise_mlp.time_mlp(torch.arange(self.n_timesteps, device=condition.device))
         for step in reversed(range(self.n_timesteps)):
-            action = self.p_sample(action, step, condition)
+            action = self.p_sample(action, step, condition, step_embeddings[step])
         return action.clamp(-self.max_action, self.max_action)
 
     def loss(self, action: torch.Tensor, condition: torch.Tensor):
@@ -506,7 +525,7 @@ class Diffusion(nn.Module):
         k = torch.randint(0, self.n_timesteps, (action.shape[0],), device=action.device)
         noise = torch.randn_like(action)
         noisy_action = self.q_sample(action, k, noise)
-        predicted_noise = self.noise_mlp(noisy_action, k, condition)
+        predicted_noise = self.noise_mlp(noisy_action, self.noise_mlp.time_mlp(k), condition)
         return F.mse_loss(predicted_noise, noise), self.predict_start_from_noise(noisy_action, k, predicted_noise)
 
 
@@ -537,15 +556,29 @@ class Policy(nn.Module):
 # ------------------------------------------------------------------------------------------------------
 # Twin critics Q_phi1, Q_phi2 (Eq. 6), optionally also given the (detached) prompt embeddings of the task.
 # ------------------------------------------------------------------------------------------------------
+class QNetwork(nn.Module):
+    """Q(s, a, z): Diffusion-QL's 3x256 Mish MLP over concat[s, a, z], its first layer split as the noise MLP's."""
+
+    def __init__(self, obs_dim: int, act_dim: int, prompt_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.state_action_layer = nn.Linear(obs_dim + act_dim, hidden_dim)
+        self.prompt_layer = nn.Linear(prompt_dim, hidden_dim, bias=False)
+        self.body = nn.Sequential(Mish(), *mlp(hidden_dim, hidden_dim, 1, n_hidden=2))
+        init_as_one_linear(self.state_action_layer, self.prompt_layer)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, task_prompts: torch.Tensor, task_idx: torch.Tensor):
+        features = self.state_action_layer(torch.cat([obs, action], dim=-1))
+        return self.body(features + self.prompt_layer(task_prompts).index_select(0, task_idx)).squeeze(-1)
+
+
 class TwinQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, prompt_dim: int, hidden_dim: int = 256):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim + prompt_dim, hidden_dim, 1, n_hidden=3)
-        self.q2 = mlp(obs_dim + act_dim + prompt_dim, hidden_dim, 1, n_hidden=3)
+        self.q1 = QNetwork(obs_dim, act_dim, prompt_dim, hidden_dim)
+        self.q2 = QNetwork(obs_dim, act_dim, prompt_dim, hidden_dim)
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, prompt: torch.Tensor):
-        critic_input = torch.cat([obs, action, prompt], dim=-1)
-        return self.q1(critic_input).squeeze(-1), self.q2(critic_input).squeeze(-1)
+    def forward(self, obs, action, task_prompts, task_idx):
+        return self.q1(obs, action, task_prompts, task_idx), self.q2(obs, action, task_prompts, task_idx)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -572,25 +605,29 @@ class Agent(nn.Module):
             self.critic_optimizer = adam(self.critic.parameters(), lr=args.critic_lr)
             self.optimizers.append(self.critic_optimizer)
         self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps) for opt in self.optimizers]
+        self.ema_prompts = None  # the EMA policy's prompt embeddings: they change only when the EMA policy does
 
-    def critic_prompt(self, prompt: torch.Tensor) -> torch.Tensor:
-        return prompt.detach() if self.args.critic_prompt else prompt.detach()[:, :0]
+    def critic_prompts(self, task_prompts: torch.Tensor) -> torch.Tensor:
+        return task_prompts.detach() if self.args.critic_prompt else task_prompts.detach()[:, :0]
 
     def update(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
         """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx); returns the losses, not synced.
         Nothing here reads the host, so on CUDA it can be recorded once as a graph and replayed (--cudagraphs)."""
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
-        # Eq. 1 and 3, once per task (not per sample); z of each sample by its task (index_select: a cheap backward)
-        prompt = self.policy.encode_prompts(llm_features, trajectories).index_select(0, task_idx)
+        # Eq. 1 and 3, once per task (not per sample): (tasks, prompt_dim); each sample's z is its task's row
+        task_prompts = self.policy.encode_prompts(llm_features, trajectories)
+        critic_prompts = self.critic_prompts(task_prompts)
         critic_loss = q_loss = torch.zeros((), device=obs.device)
         if self.critic is not None:
             # Eq. 6: r + gamma * min_l Q_target_l(s', a'), a' ~ EMA policy (Diffusion-QL's target actor)
             with torch.no_grad():
-                ema_prompt = self.policy_ema.encode_prompts(llm_features, trajectories).index_select(0, task_idx)
-                next_actions = self.policy_ema.diffusion.sample(self.policy_ema.diffusion.noise_mlp.condition(batch["next_obs"], ema_prompt))
-                target_q = torch.min(*self.critic_target(batch["next_obs"], next_actions, self.critic_prompt(prompt)))
+                if self.ema_prompts is None:
+                    self.ema_prompts = self.policy_ema.encode_prompts(llm_features, trajectories)
+                ema_condition = self.policy_ema.diffusion.noise_mlp.condition(batch["next_obs"], self.ema_prompts, task_idx)
+                next_actions = self.policy_ema.diffusion.sample(ema_condition)
+                target_q = torch.min(*self.critic_target(batch["next_obs"], next_actions, critic_prompts, task_idx))
                 target_q = batch["rewards"] + batch["not_done"] * args.gamma * target_q
-            q1, q2 = self.critic(obs, actions, self.critic_prompt(prompt))
+            q1, q2 = self.critic(obs, actions, critic_prompts, task_idx)
             critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
             self.critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
@@ -599,13 +636,13 @@ class Agent(nn.Module):
             self.critic_optimizer.step()
 
         # Eq. 5: the diffusion loss L_d on dataset actions; its (s, z) features serve the reverse chain below too
-        condition = self.policy.diffusion.noise_mlp.condition(obs, prompt)
+        condition = self.policy.diffusion.noise_mlp.condition(obs, task_prompts, task_idx)
         diffusion_loss, one_step_actions = self.policy.diffusion.loss(actions, condition)
         if self.critic is not None:
             # Eq. 7-8: Q of the policy's actions, lambda = eta / mean|Q_other|, one critic drawn at random (Alg. 1,
             # line 9); the coin is drawn on the device, so that a CUDA graph redraws it at every replay
             new_actions = one_step_actions if args.one_step_action else self.policy.diffusion.sample(condition)
-            q1_new, q2_new = self.critic(obs, new_actions, self.critic_prompt(prompt))
+            q1_new, q2_new = self.critic(obs, new_actions, critic_prompts, task_idx)
             q_loss = torch.where(torch.rand((), device=obs.device) < 0.5, -q1_new.mean() / q2_new.abs().mean().detach(),
                                  -q2_new.mean() / q1_new.abs().mean().detach())
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
@@ -616,16 +653,17 @@ class Agent(nn.Module):
         self.policy_optimizer.step()
         if self.critic is not None:
             with torch.no_grad():
-                for target, param in zip(self.critic_target.parameters(), self.critic.parameters()):
-                    target.lerp_(param, args.tau)
+                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
         return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
 
     @torch.no_grad()
-    def after_update(self, step: int) -> None:
-        """The EMA policy (Diffusion-QL: every 5 steps from step 1000) and the learning rates, after step `step`."""
+    def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
+        """The EMA policy (Diffusion-QL: every 5 steps from step 1000) and the learning rates, after step `step`.
+        The EMA prompts are refreshed in place, where a CUDA graph of the update reads them."""
         if step % self.args.ema_every == 0 and step >= self.args.ema_start:
-            for ema, param in zip(self.policy_ema.parameters(), self.policy_params):
-                ema.lerp_(param, 1 - self.args.ema_decay)
+            torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - self.args.ema_decay)
+            if self.ema_prompts is not None:
+                self.ema_prompts.copy_(self.policy_ema.encode_prompts(llm_features, trajectories))
         if self.args.lr_decay:
             for scheduler in self.schedulers:
                 scheduler.step()
@@ -636,11 +674,12 @@ class Agent(nn.Module):
         `eval_candidates` actions sampled per state, one drawn by softmax over the target critics' min Q."""
         n_candidates = self.args.eval_candidates if self.critic is not None else 1
         obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
-        prompt = task_prompt.expand(len(obs_repeated), -1)
-        actions = self.policy.diffusion.sample(self.policy.diffusion.noise_mlp.condition(obs_repeated, prompt))
+        task_idx = torch.zeros(len(obs_repeated), dtype=torch.long, device=obs.device)
+        actions = self.policy.diffusion.sample(self.policy.diffusion.noise_mlp.condition(obs_repeated, task_prompt, task_idx))
         if n_candidates == 1:
             return actions
-        q = torch.min(*self.critic_target(obs_repeated, actions, self.critic_prompt(prompt))).view(len(obs), n_candidates)
+        q = torch.min(*self.critic_target(obs_repeated, actions, self.critic_prompts(task_prompt), task_idx))
+        q = q.view(len(obs), n_candidates)
         choice = torch.multinomial(F.softmax(q, dim=1), 1).squeeze(1)
         return actions.view(len(obs), n_candidates, -1)[torch.arange(len(obs), device=obs.device), choice]
 
@@ -658,6 +697,7 @@ class Agent(nn.Module):
             for group in optimizer.param_groups:  # where this run runs, not where the checkpoint's did
                 group["capturable"] = self.args.cudagraphs
         self.python_rng.setstate(state["python_rng"])
+        self.ema_prompts = None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1116,7 +1156,7 @@ def main() -> dict:
     tick = time.time()
     for step in range(start_step, args.total_steps):
         window_losses.append(update(sample_batch(replay, args, agent.python_rng), llm_features, trajectories))
-        agent.after_update(step)
+        agent.after_update(step, llm_features, trajectories)
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.total_steps
         # not at --total-steps: that checkpoint is written after the final evaluation, so it is always a finished run's

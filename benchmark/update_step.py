@@ -42,7 +42,7 @@ update = m.cuda_graph(update) if args.cudagraphs else update
 def train(first_step, n_steps):
     for step in range(first_step, first_step + n_steps):
         losses = update(m.sample_batch(replay, args, agent.python_rng), llm_features, trajectories)
-        agent.after_update(step)
+        agent.after_update(step, llm_features, trajectories)
     losses.tolist()  # waits for the GPU's queue to drain
 start = time.perf_counter()
 train(0, 20)  # warm-up: lazy initialisation, compilation, the CUDA graph's recording

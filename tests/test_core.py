@@ -58,9 +58,10 @@ def test_q_sample_and_posterior_match_closed_forms(metaworld_script):
     for step in range(T):
         a_k = noisy[step:step + 1]
         with torch.no_grad():
-            eps = diffusion.noise_mlp(a_k, torch.full((1,), step), condition)
+            embedding = diffusion.noise_mlp.time_mlp(torch.full((1,), step))
+            eps = diffusion.noise_mlp(a_k, embedding, condition)
             torch.manual_seed(step)
-            sampled = diffusion.p_sample(a_k, step, condition)
+            sampled = diffusion.p_sample(a_k, step, condition, embedding)
         torch.manual_seed(step)
         z = torch.randn_like(a_k)
         alpha, beta, ab = 1 - diffusion.betas[step], diffusion.betas[step], diffusion.alphas_cumprod[step]
@@ -79,7 +80,7 @@ def test_reverse_chain_is_eq4_with_the_clean_action_clipped(metaworld_script):
     noise_mlp = metaworld_script.NoiseMLP(3, 2, 0, hidden_dim=16)
     with torch.no_grad():
         noise_mlp.body[-1].bias.fill_(-0.5)
-    condition = noise_mlp.condition(torch.randn(n, 3), torch.zeros(n, 0)).detach()
+    condition = noise_mlp.condition(torch.randn(n, 3), torch.zeros(1, 0), torch.zeros(n, dtype=torch.long)).detach()
     t = np.arange(1, T + 1)
     beta = torch.tensor(1 - np.exp(-0.1 / T - 0.5 * (10.0 - 0.1) * (2 * t - 1) / T**2))
     alpha_bar = torch.cumprod(1 - beta, 0)
@@ -87,7 +88,7 @@ def test_reverse_chain_is_eq4_with_the_clean_action_clipped(metaworld_script):
     action, clipped = torch.randn(n, 2).double(), False
     with torch.no_grad():
         for k in reversed(range(T)):
-            eps = noise_mlp(action.float(), torch.full((n,), k), condition).double()
+            eps = noise_mlp(action.float(), noise_mlp.time_mlp(torch.full((n,), k)), condition).double()
             clean = (action - (1 - alpha_bar[k]).sqrt() * eps) / alpha_bar[k].sqrt()
             clipped |= bool((clean.abs() > 1).any())
             ab_prev = alpha_bar[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
@@ -233,18 +234,19 @@ def test_policy_loss_ascends_q_as_in_eq8(metaworld_script):
     them to the dataset's 0, -lambda L_r pushes them to +1. The wrong sign would drive them to -1."""
     torch.manual_seed(0)
     agent, llm_features, trajectories = make_agent(metaworld_script, eta=5.0, actor_lr=3e-3, ema_start=0)
-    bias = agent.critic.q1[-1].bias  # (0 * a weight keeps the critic's own loss differentiable)
-    agent.critic.forward = lambda obs, action, prompt: (action.sum(-1) + 10.0 + 0 * bias,) * 2
+    bias = agent.critic.q1.body[-1].bias  # (0 * a weight keeps the critic's own loss differentiable)
+    agent.critic.forward = lambda obs, action, prompts, task_idx: (action.sum(-1) + 10.0 + 0 * bias,) * 2
     agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=0.0)
     batch = dict(obs=torch.randn(64, 5), actions=torch.zeros(64, 2), rewards=torch.zeros(64), next_obs=torch.randn(64, 5),
                  not_done=torch.ones(64), task_idx=torch.randint(2, (64,)))
     for step in range(150):
         losses = agent.update(batch, llm_features, trajectories)
-        agent.after_update(step)
+        agent.after_update(step, llm_features, trajectories)
     assert losses[2] < 0  # q_loss = -Q / mean|Q| is negative while Q > 0
     with torch.no_grad():
-        prompt = agent.policy.encode_prompts(llm_features, trajectories)[batch["task_idx"]]
-        actions = agent.policy.diffusion.sample(agent.policy.diffusion.noise_mlp.condition(batch["obs"], prompt))
+        prompts = agent.policy.encode_prompts(llm_features, trajectories)
+        actions = agent.policy.diffusion.sample(agent.policy.diffusion.noise_mlp.condition(batch["obs"], prompts,
+                                                                                            batch["task_idx"]))
     assert actions.mean() > 0.5
 
 
@@ -264,7 +266,7 @@ def test_training_does_not_draw_from_the_global_random_module(script_name, reque
             if draws_elsewhere:
                 random.random()
             agent.update(script.sample_batch(replay, agent.args, agent.python_rng), llm_features, trajectories)
-            agent.after_update(step)
+            agent.after_update(step, llm_features, trajectories)
         weights.append(torch.cat([p.detach().flatten() for p in agent.policy.parameters()]))
     assert torch.equal(*weights)
 
@@ -292,7 +294,7 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     vars(agent.policy.diffusion).pop("sample", None)
     assert torch.isfinite(losses).all()
     prompted = agent.args.text_prompt or agent.args.traj_prompt
-    assert agent.critic.q1[0].in_features == 5 + 2 + (agent.policy.prompt_dim if agent.args.critic_prompt else 0)
+    assert agent.critic.q1.prompt_layer.in_features == (agent.policy.prompt_dim if agent.args.critic_prompt else 0)
     assert agent.policy.prompt_dim == 8 * (int(agent.args.text_prompt) + int(agent.args.traj_prompt))
     changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
     assert ("text_head" in changed) == agent.args.text_prompt
@@ -346,12 +348,12 @@ def test_critic_update_is_eq6_with_the_ema_policy_and_target_critics(metaworld_s
     ema_action = torch.tensor([0.5, -0.25])  # what the EMA policy proposes for every next state
     agent.policy_ema.diffusion.sample = lambda condition: ema_action.expand(len(condition), 2)
     # Q1' = s'_0 + 4 sum(a'), Q2' = -s'_0 + 4 sum(a'): their min, 1 - |s'_0|, takes each from one critic
-    agent.critic_target.forward = lambda obs, action, prompt: (obs[:, 0] + 4 * action.sum(-1),
-                                                               -obs[:, 0] + 4 * action.sum(-1))
+    agent.critic_target.forward = lambda obs, action, prompts, task_idx: (obs[:, 0] + 4 * action.sum(-1),
+                                                                          -obs[:, 0] + 4 * action.sum(-1))
     target = batch["rewards"] + 0.9 * batch["not_done"] * (1 - batch["next_obs"][:, 0].abs())
     with torch.no_grad():
-        prompt = agent.policy.encode_prompts(llm_features, trajectories)[batch["task_idx"]]
-        q1, q2 = agent.critic(batch["obs"], batch["actions"], prompt)
+        q1, q2 = agent.critic(batch["obs"], batch["actions"], agent.policy.encode_prompts(llm_features, trajectories),
+                              batch["task_idx"])
     old_targets = [p.clone() for p in agent.critic_target.parameters()]
     old_critic = [p.clone() for p in agent.critic.parameters()]
     losses = agent.update(batch, llm_features, trajectories)
@@ -364,7 +366,7 @@ def test_critic_update_is_eq6_with_the_ema_policy_and_target_critics(metaworld_s
 
 def test_ema_policy_follows_diffusion_ql_schedule(metaworld_script):
     """The EMA policy moves by (1 - decay) towards the policy every `ema_every` steps from `ema_start`; before that it
-    stays where it started."""
+    stays where it started. The EMA prompt embeddings used for the target actions follow it."""
     torch.manual_seed(0)
     agent, llm_features, trajectories = make_agent(metaworld_script, ema_start=10, ema_every=5, ema_decay=0.9)
     agent.update(batch_of(16), llm_features, trajectories)
@@ -372,11 +374,13 @@ def test_ema_policy_follows_diffusion_ql_schedule(metaworld_script):
     policy = [p.detach().clone() for p in agent.policy.parameters()]
     assert not all(torch.equal(ema, p) for ema, p in zip(start, policy))
     for step in (0, 5, 11, 12):  # before ema_start, or not a multiple of ema_every
-        agent.after_update(step)
+        agent.after_update(step, llm_features, trajectories)
         assert all(torch.equal(ema, old) for ema, old in zip(agent.policy_ema.parameters(), start)), step
-    agent.after_update(10)
+    agent.after_update(10, llm_features, trajectories)
     for ema, old, p in zip(agent.policy_ema.parameters(), start, policy):
         torch.testing.assert_close(ema, old + 0.1 * (p - old))
+    with torch.no_grad():
+        torch.testing.assert_close(agent.ema_prompts, agent.policy_ema.encode_prompts(llm_features, trajectories))
 
 
 def test_act_draws_each_states_action_by_the_target_critics_min_q(metaworld_script):
@@ -389,7 +393,7 @@ def test_act_draws_each_states_action_by_the_target_critics_min_q(metaworld_scri
     rows = torch.arange(n_states * 4)
     agent.policy.diffusion.sample = lambda condition: torch.stack([rows // 4, rows % 4], 1).float()
 
-    def target_critics(obs, action, prompt):
+    def target_critics(obs, action, prompts, task_idx):
         aligned = (action[:, 0] == obs[:, 0]).float()
         candidate = action[:, 1]
         return (aligned * (1e4 * (candidate == 2) + 2e4 * (candidate == 3)),
@@ -405,15 +409,22 @@ def test_act_draws_each_states_action_by_the_target_critics_min_q(metaworld_scri
         torch.testing.assert_close(chosen, torch.tensor([[0.0, 2.0], [1.0, 2.0], [2.0, 2.0]]))
 
 
-def test_noise_mlp_is_one_linear_on_the_concatenation(metaworld_script):
-    """NoiseMLP's first layer, written as Linear(concat[a, emb(k)]) + Linear(concat[s, z]), is the Linear on
-    concat[a^k, emb(k), s, z] of Eq. 5 with the two weight matrices side by side."""
+def test_split_first_layers_are_one_linear_on_the_concatenation(metaworld_script):
+    """The noise MLP's first layer, a sum of Linears on concat[a, emb(k)], s and z (z's once per task), is the Linear
+    on concat[a^k, emb(k), s, z] of Eq. 5 with the weight matrices side by side; the critics' likewise."""
     torch.manual_seed(0)
     net = metaworld_script.NoiseMLP(5, 2, 3, hidden_dim=16)
-    obs, action, prompt, k = torch.randn(4, 5), torch.randn(4, 2), torch.randn(4, 3), torch.tensor([0, 3, 1, 4])
-    weight = torch.cat([net.action_time_layer.weight, net.condition_layer.weight], 1)
-    first = torch.cat([action, net.time_mlp(k), obs, prompt], 1) @ weight.T + net.action_time_layer.bias
-    torch.testing.assert_close(net(action, k, net.condition(obs, prompt)), net.body(first))
+    obs, action, prompts, k = torch.randn(4, 5), torch.randn(4, 2), torch.randn(2, 3), torch.tensor([0, 3, 1, 4])
+    task_idx = torch.tensor([0, 1, 1, 0])
+    weight = torch.cat([net.action_time_layer.weight, net.obs_layer.weight, net.prompt_layer.weight], 1)
+    first = torch.cat([action, net.time_mlp(k), obs, prompts[task_idx]], 1) @ weight.T + net.action_time_layer.bias
+    torch.testing.assert_close(net(action, net.time_mlp(k), net.condition(obs, prompts, task_idx)), net.body(first))
+    q = metaworld_script.QNetwork(5, 2, 3, hidden_dim=16)
+    weight = torch.cat([q.state_action_layer.weight, q.prompt_layer.weight], 1)
+    first = torch.cat([obs, action, prompts[task_idx]], 1) @ weight.T + q.state_action_layer.bias
+    torch.testing.assert_close(q(obs, action, prompts, task_idx), q.body(first).squeeze(-1))
+    bound = 1 / math.sqrt(2 + 16 + 5 + 3)  # initialised as the one Linear would be
+    assert bound >= net.obs_layer.weight.abs().max() > 0.8 * bound
 
 
 def test_mish_matches_torch_in_value_and_gradient(metaworld_script):
@@ -469,18 +480,19 @@ def test_cuda_computes_what_the_cpu_does(script_name, request):
     outputs = {}
     for name, agent, device in (("cpu", cpu_agent, torch.device("cpu")), ("cuda", gpu_agent, cuda)):
         with torch.no_grad():
-            prompt = agent.policy.encode_prompts(llm_features.to(device), trajectories.to(device))[task_idx.to(device)]
-            condition = agent.policy.diffusion.noise_mlp.condition(obs.to(device), prompt)
-            noise = agent.policy.diffusion.noise_mlp(noisy_actions.to(device), k.to(device), condition)
-            q1, q2 = agent.critic(obs.to(device), actions.to(device), prompt)
-        outputs[name] = [value.cpu() for value in (prompt, condition, noise, q1, q2)]
+            prompts = agent.policy.encode_prompts(llm_features.to(device), trajectories.to(device))
+            noise_mlp = agent.policy.diffusion.noise_mlp
+            condition = noise_mlp.condition(obs.to(device), prompts, task_idx.to(device))
+            noise = noise_mlp(noisy_actions.to(device), noise_mlp.time_mlp(k.to(device)), condition)
+            q1, q2 = agent.critic(obs.to(device), actions.to(device), prompts, task_idx.to(device))
+        outputs[name] = [value.cpu() for value in (prompts, condition, noise, q1, q2)]
     for cpu_value, gpu_value in zip(outputs["cpu"], outputs["cuda"]):
         torch.testing.assert_close(gpu_value, cpu_value, rtol=1e-4, atol=1e-4)
     batch = {key: value.to(cuda) for key, value in batch_of(64, obs=obs, actions=actions, task_idx=task_idx).items()}
     losses = []
     for step in range(20):
         losses.append(gpu_agent.update(batch, llm_features.to(cuda), trajectories.to(cuda)))
-        gpu_agent.after_update(step)
+        gpu_agent.after_update(step, llm_features.to(cuda), trajectories.to(cuda))
     assert torch.stack(losses).is_cuda and torch.isfinite(torch.stack(losses)).all()
     with torch.no_grad():
         prompt = gpu_agent.policy.encode_prompts(llm_features.to(cuda), trajectories.to(cuda))[:1]
@@ -513,7 +525,7 @@ def test_cudagraphs_replay_the_update(metaworld_script, flags, monkeypatch):
         losses = []
         for step, batch in enumerate(batches):
             losses.append(update({key: value.to(cuda) for key, value in batch.items()}, llm_features, trajectories))
-            agent.after_update(step)
+            agent.after_update(step, llm_features, trajectories)
         results.append((torch.stack(losses), torch.cat([p.detach().flatten() for p in agent.parameters()])))
     (eager_losses, eager_weights), (graph_losses, graph_weights) = results
     assert not torch.equal(eager_losses[-1], eager_losses[-2])
