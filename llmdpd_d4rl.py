@@ -576,6 +576,7 @@ class Agent(nn.Module):
         # Eq. 1 and 3, once per task (not per sample): (tasks, prompt_dim); each sample's z is its task's row
         task_prompts = self.policy.encode_prompts(llm_features, trajectories)
         critic_prompts = self.critic_prompts(task_prompts)
+        torch._dynamo.graph_break()  # --compile: the critic's backward below must not reach the encoders' graph
         critic_loss = q_loss = torch.zeros((), device=obs.device)
         if self.critic is not None:
             # Eq. 6: r + gamma * min_l Q_target_l(s', a'), a' ~ EMA policy (Diffusion-QL's target actor)

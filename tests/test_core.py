@@ -464,6 +464,31 @@ def test_trajectory_prompt_is_evenly_spaced(metaworld_script):
     assert short.tolist() == [[0, 1, 0], [0, 1, 0], [0, 1, 0], [2, 3, 1], [2, 3, 1]]
 
 
+def test_compile_computes_what_eager_updates_do(metaworld_script, monkeypatch):
+    """--compile (torch.compile of Agent.update) on the CPU gives the losses and weights of eager updates (inductor told
+    to draw its random numbers as eager torch does), the critics' backward kept apart from the prompt encoders'."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1))
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"nothing can compile here: {error}")
+    monkeypatch.setattr("torch._inductor.config.fallback_random", True)
+    torch.manual_seed(2)
+    batches = [batch_of(32) for _ in range(4)]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent, llm_features, trajectories = make_agent(metaworld_script, ema_start=0, ema_every=2)
+        update = torch.compile(agent.update) if compiled else agent.update
+        torch.manual_seed(1)
+        losses = []
+        for step, batch in enumerate(batches):
+            losses.append(update(batch, llm_features, trajectories))
+            agent.after_update(step, llm_features, trajectories)
+        results.append((torch.stack(losses), torch.cat([p.detach().flatten() for p in agent.parameters()])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run the suite on one to check --cuda")
 @pytest.mark.parametrize("script_name", ["metaworld_script", "d4rl_script"])
 def test_cuda_computes_what_the_cpu_does(script_name, request):
