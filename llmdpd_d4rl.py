@@ -394,7 +394,6 @@ def init_as_one_linear(*layers: nn.Linear) -> None:
         nn.init.uniform_(parameter, -bound, bound)
 
 
-
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -888,9 +887,10 @@ def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> t
         transitions, metadata = load_hdf5(args.dataset_path) if args.dataset_path else load_minari(args.minari_id)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}.\n{missing_data_message(args)}")
-    if (transitions["obs"].shape[1], transitions["actions"].shape[1]) != env_dims(args):
-        sys.exit(f"error: the data has observations of {transitions['obs'].shape[1]} and actions of "
-                 f"{transitions['actions'].shape[1]} numbers, {args.env_id} has {env_dims(args)}: data of another env?")
+    data_dims, env_sizes = (transitions["obs"].shape[1], transitions["actions"].shape[1]), env_dims(args)
+    if data_dims != env_sizes:
+        sys.exit(f"error: the data has observations of {data_dims[0]} and actions of {data_dims[1]} numbers, "
+                 f"{args.env_id} has {env_sizes}: data of another env?")
     *ref, ref_source = reference_scores(args, metadata)
     args.ref_min_score, args.ref_max_score = ref
     episodes = episode_bounds(transitions)

@@ -421,7 +421,6 @@ def init_as_one_linear(*layers: nn.Linear) -> None:
         nn.init.uniform_(parameter, -bound, bound)
 
 
-
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
