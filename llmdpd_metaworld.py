@@ -61,7 +61,8 @@ class Args:
 
     # Tasks and offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets)
     train_tasks: tuple[str, ...] = ("sweep-into", "coffee-push", "disassemble")
-    """seen tasks: their offline data and prompts train the agent (paper Sec. 4.1)"""
+    """seen tasks: their offline data and prompts train the agent (paper Sec. 4.1); `reach@17` names one goal and
+    object placement, variation 17 of the task's MT1 benchmark (Prompt-DT's ML1 protocol: goals as tasks)"""
     test_tasks: tuple[str, ...] = ("box-close", "hand-insert", "bin-picking")
     """unseen tasks: only their two prompts are used, at evaluation"""
     noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)
@@ -72,6 +73,9 @@ class Args:
     """episode length of data, prompts and evaluation (Meta-World's own limit is 500)"""
     data_seed: int = 0
     """seed of data collection, apart from `seed` so that all training seeds share one dataset"""
+    hide_goal: bool = False
+    """zero the goal position (obs[36:39]) in every observation the agent sees, as Meta-World's ML benchmarks do;
+    the scripted policies that collect the data still see it"""
     dataset_dir: Optional[str] = None
     """where Minari datasets live (default: $MINARI_DATASETS_PATH or ~/.minari/datasets)"""
 
@@ -230,18 +234,21 @@ METAWORLD_TASKS = {
 
 
 def build_text_prompt(task: str, args: Args) -> str:
-    """The LLM input of Eq. 1: the paper's instruction, then the structured task description."""
-    objective, objects, randomised, success = METAWORLD_TASKS[task]
+    """The LLM input of Eq. 1: the paper's instruction, then the structured task description (the same for every
+    variation of a task: only the trajectory prompt tells one goal from another)."""
+    name = task.partition("@")[0]
+    objective, objects, randomised, success = METAWORLD_TASKS[name]
+    goal = "three zeros where the goal position would be" if args.hide_goal else "the goal position"
     return (
         f"{LLM_INSTRUCTION}\n"
-        f"Task: Meta-World {task}.\n"
+        f"Task: Meta-World {name}.\n"
         f"Objective: {objective}\n"
         f"Constraints: Randomize {randomised}. Episodes last {args.max_episode_steps} steps.\n"
         f"Success condition: {success}.\n"
         f"Objects: Sawyer robot arm with a two-finger gripper; {objects}.\n"
         "Actions: 4 numbers in [-1, 1]: end-effector displacement along x, y, z and gripper effort.\n"
         "Observations: 39 numbers: hand position, gripper opening, object positions and orientations, "
-        "the previous frame of these, and the goal position."
+        f"the previous frame of these, and {goal}."
     )
 
 
@@ -797,16 +804,27 @@ def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "d
 
 # ==== Offline data: scripted Meta-World policies with Gaussian action noise, stored as local Minari datasets
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3: hand, gripper, two objects, previous frame, goal; xyz move + gripper
+GOAL = slice(36, 39)  # the goal position in an observation
+N_VARIATIONS, VARIATIONS_SEED = 50, 0  # `reach@17` is variation 17 of metaworld.MT1("reach-v3", seed=0) in every run
 
 
 def check_args(args: Args) -> None:
-    """Task names as Meta-World spells them (reach-v3) or without the version; each task either seen or unseen."""
-    args.train_tasks, args.test_tasks = (tuple(t.removesuffix("-v3") for t in ts) for ts in (args.train_tasks, args.test_tasks))
+    """Task names as Meta-World spells them (reach-v3) or without the version, `@k` for variation k; each task either
+    seen or unseen."""
+    def normalise(task: str) -> str:
+        name, at, variation = task.partition("@")
+        return name.removesuffix("-v3") + at + variation
+
+    args.train_tasks, args.test_tasks = (tuple(map(normalise, ts)) for ts in (args.train_tasks, args.test_tasks))
     tasks = args.train_tasks + args.test_tasks
-    unknown = [task for task in tasks if task not in METAWORLD_TASKS]
+    def known(task: str) -> bool:
+        name, at, variation = task.partition("@")
+        return name in METAWORLD_TASKS and (not at or variation.isdigit() and int(variation) < N_VARIATIONS)
+
+    unknown = [task for task in tasks if not known(task)]
     if unknown:
-        sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (with or without -v3):\n  "
-                 + " ".join(sorted(METAWORLD_TASKS)))
+        sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (with or without -v3, with or without "
+                 f"@k for one variation, k in [0, {N_VARIATIONS})):\n  " + " ".join(sorted(METAWORLD_TASKS)))
     named_twice = sorted({task for task in tasks if tasks.count(task) > 1})
     if named_twice:
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
@@ -825,20 +843,55 @@ def env_dims(args: Args) -> tuple[int, int]:
     return OBS_DIM, ACT_DIM
 
 
+@functools.lru_cache(maxsize=None)
+def mt1_benchmark(name: str, seed: int):
+    """The task's MT1 benchmark: its environment class and 50 variations (object and goal positions, goal visible)."""
+    import metaworld
+
+    return metaworld.MT1(f"{name}-v3", seed=seed)
+
+
+def task_variations(task: str, seed: int) -> tuple:
+    """The environment class of `task` and the variations its episodes cycle through: all 50 of the MT1 benchmark
+    seeded by `seed` for a task, the one fixed variation for `reach@17`."""
+    name, at, variation = task.partition("@")
+    benchmark = mt1_benchmark(name, VARIATIONS_SEED if at else seed)
+    variations = benchmark.train_tasks[int(variation):int(variation) + 1] if at else benchmark.train_tasks
+    return benchmark.train_classes[f"{name}-v3"], variations
+
+
 def make_env(task: str, seed: int, max_episode_steps: int):
-    import metaworld  # noqa: F401 - registers the Meta-World/* environments
+    """An environment of `task` that draws a variation of its MT1 benchmark at each reset (`reach@17`: always 17)."""
+    name, at, _ = task.partition("@")
+    if not at:
+        import metaworld  # noqa: F401 - registers the Meta-World/* environments
 
-    return gym.make("Meta-World/MT1", env_name=f"{task}-v3", seed=seed, max_episode_steps=max_episode_steps,
-                    disable_env_checker=True)
+        return gym.make("Meta-World/MT1", env_name=f"{name}-v3", seed=seed, max_episode_steps=max_episode_steps,
+                        disable_env_checker=True)
+    env_class, (variation,) = task_variations(task, seed)
+    env = env_class()
+    env.set_task(variation)
+    env.seed(seed)
+    return gym.wrappers.TimeLimit(env, max_episode_steps)
 
 
-def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, max_steps: int, first_id: int, desc: str):
-    """Roll out the scripted policy with action noise; the goal is visible in the observation (MT1 setting)."""
+def agent_view(obs: np.ndarray, hide_goal: bool) -> np.ndarray:
+    """What the agent sees of Meta-World observations: with --hide-goal, the goal position zeroed."""
+    if hide_goal:
+        obs = obs.copy()
+        obs[..., GOAL] = 0
+    return obs
+
+
+def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, max_steps: int, hide_goal: bool,
+                     first_id: int, desc: str):
+    """Roll out the scripted policy with action noise. The policy sees the goal (MT1 setting); the episodes keep
+    the observations as the agent sees them."""
     from metaworld.policies import ENV_POLICY_MAP
     from minari.data_collector import EpisodeBuffer
     from tqdm import tqdm
 
-    env, scripted = make_env(task, seed, max_steps), ENV_POLICY_MAP[f"{task}-v3"]()
+    env, scripted = make_env(task, seed, max_steps), ENV_POLICY_MAP[f"{task.partition('@')[0]}-v3"]()
     rng, episodes = np.random.default_rng(seed), []
     for episode_id in tqdm(range(first_id, first_id + n_episodes), desc=desc, leave=False):
         obs, _ = env.reset()
@@ -848,7 +901,8 @@ def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, ma
             obs, reward, _, _, info = env.step(action)
             observations.append(obs), actions.append(action), rewards.append(reward), successes.append(info["success"])
         episodes.append(EpisodeBuffer(
-            id=episode_id, observations=np.array(observations, dtype=np.float32), actions=np.array(actions),
+            id=episode_id, observations=agent_view(np.array(observations, dtype=np.float32), hide_goal),
+            actions=np.array(actions),
             rewards=np.array(rewards, dtype=np.float32), terminations=np.zeros(max_steps, dtype=bool),
             truncations=np.arange(1, max_steps + 1) == max_steps, infos={"success": np.array(successes, dtype=np.float32)}))
     return env, episodes
@@ -871,7 +925,8 @@ def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, epis
     buffers, env = [], None
     for level, noise_std in enumerate(noise_levels):
         env, episodes = collect_episodes(task, noise_std, episodes_per_level, seed + 100 * level,
-                                         config["max_episode_steps"], len(buffers), f"{dataset_id} sigma={noise_std}")
+                                         config["max_episode_steps"], config.get("hide_goal", False), len(buffers),
+                                         f"{dataset_id} sigma={noise_std}")
         buffers += episodes
     try:
         return minari.create_dataset_from_buffers(
@@ -886,16 +941,16 @@ def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, epis
 def task_episodes(task: str, role: str, args: Args) -> list:
     """Episodes of `task`: role 'train' is the offline data of a seen task, 'prompt' its one prompt trajectory."""
     task_seed = args.data_seed * 100_000 + int(hashlib.md5(task.encode()).hexdigest()[:4], 16)
+    name = "metaworld/" + task.replace("@", "-variation-") + "/scripted-" + "goal-hidden-" * args.hide_goal
+    hidden = dict(hide_goal=True) if args.hide_goal else {}  # datasets made before --hide-goal keep their settings
     if role == "train":
         config = dict(task=task, noise_levels=list(args.noise_levels), episodes_per_level=args.episodes_per_level,
-                      max_episode_steps=args.max_episode_steps, data_seed=args.data_seed)
-        dataset = load_or_collect(f"metaworld/{task}/scripted-mixed-v1", config, task, args.noise_levels,
-                                  args.episodes_per_level, task_seed)
+                      max_episode_steps=args.max_episode_steps, data_seed=args.data_seed, **hidden)
+        dataset = load_or_collect(f"{name}mixed-v1", config, task, args.noise_levels, args.episodes_per_level, task_seed)
     else:  # a separate rollout of the behaviour policy, never part of the training data (Sec. 3, problem setting)
         config = dict(task=task, noise_levels=[args.traj_prompt_noise], episodes_per_level=1,
-                      max_episode_steps=args.max_episode_steps, data_seed=args.data_seed, role="prompt")
-        dataset = load_or_collect(f"metaworld/{task}/scripted-prompt-v0", config, task, [args.traj_prompt_noise], 1,
-                                  task_seed + 50_000)
+                      max_episode_steps=args.max_episode_steps, data_seed=args.data_seed, role="prompt", **hidden)
+        dataset = load_or_collect(f"{name}prompt-v0", config, task, [args.traj_prompt_noise], 1, task_seed + 50_000)
     return list(dataset.iterate_episodes())
 
 
@@ -945,21 +1000,20 @@ class EvaluationEnv(gym.Wrapper):
         return self.env.reset(seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)  # a few tasks' environments live from one evaluation to the next, not 50 tasks'
 def evaluation_envs(task: str, n_envs: int, seed: int, processes: bool = False) -> tuple:
     """A vector env of `n_envs` environments of `task` (in this process, or each in its own with `processes`) and
-    the 50 fixed variations (object and goal positions, goal visible) of the task's MT1 benchmark seeded by `seed`."""
-    import metaworld
-
-    benchmark = metaworld.MT1(f"{task}-v3", seed=seed)
-    make_envs = [functools.partial(EvaluationEnv, benchmark.train_classes[f"{task}-v3"], i) for i in range(n_envs)]
+    the variations its episodes cycle through (task_variations)."""
+    env_class, variations = task_variations(task, seed)
+    make_envs = [functools.partial(EvaluationEnv, env_class, i) for i in range(n_envs)]
     vector_env = gym.vector.AsyncVectorEnv(make_envs) if processes else gym.vector.SyncVectorEnv(make_envs)
-    return vector_env, benchmark.train_tasks
+    return vector_env, variations
 
 
 def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int,
                  processes: bool = False) -> dict:
-    """Episode i runs variation i of the task's MT1 benchmark, so every evaluation sees the same episodes.
+    """Episode i runs variation i of the task's MT1 benchmark (`reach@17`: 17 always), so every evaluation sees the
+    same episodes.
     `policy_fn` maps (n, obs_dim) states to (n, act_dim) actions; `n_parallel` episodes share each call."""
     if n_episodes % n_parallel:
         raise ValueError(f"{n_episodes} episodes cannot be run {n_parallel} at a time")
@@ -981,7 +1035,8 @@ def evaluate(agent: Agent, args: Args, task: str, task_prompt: torch.Tensor, dev
              n_parallel: Optional[int] = None) -> dict:
     """`args.eval_episodes` episodes of `task`, `n_parallel` of them (default: all) sharing each policy call."""
     def policy_fn(obs: np.ndarray) -> np.ndarray:
-        return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), task_prompt).cpu().numpy()
+        obs = torch.as_tensor(agent_view(obs, args.hide_goal), dtype=torch.float32, device=device)
+        return agent.act(obs, task_prompt).cpu().numpy()
 
     return run_episodes(task, policy_fn, args.eval_episodes, args.seed, args.max_episode_steps,
                         n_parallel or args.eval_episodes, args.eval_processes)
