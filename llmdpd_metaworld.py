@@ -910,32 +910,33 @@ def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, ma
 
 def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, episodes_per_level: int, seed: int):
     """The Minari dataset `dataset_id`, collected first if absent. A dataset made with other settings is never
-    overwritten: the run stops and says how to proceed."""
+    overwritten: the run stops and says how to proceed. Runs started together collect each dataset once."""
+    import fcntl
+
     import minari
+    from minari.storage import get_dataset_path
 
     description = json.dumps(config, sort_keys=True)
-    if dataset_id in minari.list_local_datasets():
-        dataset = minari.load_dataset(dataset_id)
-        found = dataset.storage.metadata.get("description")
-        if found != description:
-            sys.exit(f"error: the local Minari dataset {dataset_id!r} was made with other settings:\n  {found}\n"
-                     f"this run asks for:\n  {description}\nRun `minari delete {dataset_id}` to rebuild it, pass another "
-                     "--dataset-dir, or use the settings it was made with.")
-        return dataset
-    buffers, env = [], None
-    for level, noise_std in enumerate(noise_levels):
-        env, episodes = collect_episodes(task, noise_std, episodes_per_level, seed + 100 * level,
-                                         config["max_episode_steps"], config.get("hide_goal", False), len(buffers),
-                                         f"{dataset_id} sigma={noise_std}")
-        buffers += episodes
-    try:
+    os.makedirs(get_dataset_path(), exist_ok=True)
+    with open(os.path.join(get_dataset_path(), "." + dataset_id.replace("/", "--") + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run collecting this dataset finishes first; we then load its copy
+        if dataset_id in minari.list_local_datasets():
+            dataset = minari.load_dataset(dataset_id)
+            found = dataset.storage.metadata.get("description")
+            if found != description:
+                sys.exit(f"error: the local Minari dataset {dataset_id!r} was made with other settings:\n  {found}\n"
+                         f"this run asks for:\n  {description}\nRun `minari delete {dataset_id}` to rebuild it, pass "
+                         "another --dataset-dir, or use the settings it was made with.")
+            return dataset
+        buffers, env = [], None
+        for level, noise_std in enumerate(noise_levels):
+            env, episodes = collect_episodes(task, noise_std, episodes_per_level, seed + 100 * level,
+                                             config["max_episode_steps"], config.get("hide_goal", False), len(buffers),
+                                             f"{dataset_id} sigma={noise_std}")
+            buffers += episodes
         return minari.create_dataset_from_buffers(
             dataset_id, buffers, observation_space=env.observation_space, action_space=env.action_space,
             algorithm_name="metaworld-scripted-policy+gaussian-action-noise", author="llmdpd", description=description)
-    except ValueError:  # another run wrote the same dataset meanwhile: use (and check) its copy
-        if dataset_id not in minari.list_local_datasets():
-            raise
-        return load_or_collect(dataset_id, config, task, noise_levels, episodes_per_level, seed)
 
 
 def task_episodes(task: str, role: str, args: Args) -> list:

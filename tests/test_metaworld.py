@@ -388,3 +388,84 @@ def test_no_text_prompt_never_touches_the_llm(shared_dirs, tmp_path):
                                             "--total-steps", "10"), cwd=tmp_path)
     assert_finished(result)
     assert "0 LLM forward passes" in result.stdout and "(--no-text-prompt)" in result.stdout
+
+
+# ---- Goals as tasks (Prompt-DT's ML1 protocol): `reach@k` and --hide-goal
+def variation_args(metaworld_script, **overrides):
+    settings = dict(train_tasks=("reach@0", "reach-v3@1"), test_tasks=("reach@2",), noise_levels=(0.1,),
+                    episodes_per_level=1, max_episode_steps=30, traj_prompt_len=8, eval_episodes=2, eval_candidates=1)
+    args = metaworld_script.Args(**{**settings, **overrides})
+    metaworld_script.check_args(args)
+    return args
+
+
+def test_a_variation_task_is_one_goal_in_data_prompts_and_evaluation(metaworld_script, tmp_path, monkeypatch):
+    """reach@k: every episode of its data, prompt and evaluation starts at variation k's one goal; other k, other goal."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    args = variation_args(metaworld_script)
+    assert args.train_tasks == ("reach@0", "reach@1")
+    goals = {}
+    for task in ("reach@0", "reach@1", "reach@2"):
+        role = "prompt" if task == "reach@2" else "train"
+        goals[task] = {tuple(episode.observations[0, 36:39]) for episode in metaworld_script.task_episodes(task, role, args)}
+        envs, variations = metaworld_script.evaluation_envs(task, 2, 1)
+        obs, _ = envs.reset(options={"variations": variations * 2})
+        goals[task] |= {tuple(np.float32(goal)) for goal in obs[:, 36:39]}
+        assert len(goals[task]) == 1, (task, goals[task])
+    assert len(set.union(*goals.values())) == 3
+
+
+def test_hide_goal_zeroes_the_goal_wherever_the_agent_sees_an_observation(metaworld_script, tmp_path, monkeypatch):
+    """--hide-goal: offline data (s and s'), trajectory prompts and every evaluation state have obs[36:39] == 0, while
+    the scripted policy (which reads the goal) still solves reach; without it the goal is there."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+
+    class RecordingAgent:
+        seen = []
+
+        def act(self, obs, task_prompt):
+            self.seen.append(obs.clone())
+            return torch.zeros(len(obs), 4)
+
+    for hide_goal in (True, False):
+        args = variation_args(metaworld_script, hide_goal=hide_goal, max_episode_steps=150)
+        trajectories, replay = metaworld_script.load_data(args, None, torch.device("cpu"))
+        agent = RecordingAgent()
+        agent.seen.clear()
+        metaworld_script.evaluate(agent, args, "reach@2", None, torch.device("cpu"))
+        seen_by_agent = [replay["obs"], replay["next_obs"], *(t[:, :39] for t in trajectories.values()), *agent.seen]
+        assert all((obs[:, 36:39] == 0).all() == hide_goal for obs in seen_by_agent)
+        episodes = metaworld_script.task_episodes("reach@0", "train", args)
+        assert max(episode.infos["success"].max() for episode in episodes) == 1  # the scripted policy saw the goal
+        assert ("three zeros where the goal" in metaworld_script.build_text_prompt("reach@0", args)) == hide_goal
+
+
+def test_runs_started_together_collect_a_dataset_once(metaworld_script, tmp_path):
+    """Two runs that need the same missing dataset: one collects it, the other waits and loads that copy."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('m', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "args = m.Args(train_tasks=('reach@3',), test_tasks=(), max_episode_steps=50); m.check_args(args); "
+            "print(m.task_episodes('reach@3', 'prompt', args)[0].observations.sum())")
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path))
+    runs = [subprocess.Popen([sys.executable, "-c", code, metaworld_script.__file__], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) + (run.returncode,) for run in runs]
+    assert all(rc == 0 for _, _, rc in outputs), [err[-2000:] for _, err, _ in outputs]
+    assert outputs[0][0] == outputs[1][0]
+
+
+def test_tiny_run_on_goals_as_tasks(tiny_llm, shared_dirs, tmp_path):
+    """End to end: two goals of reach seen, a third unseen, the goal hidden."""
+    flags = tiny_flags(shared_dirs, "--llm", tiny_llm, "--hide-goal")
+    flags[flags.index("--train-tasks"):flags.index("--test-tasks") + 2] = [
+        "--train-tasks", "reach@0", "reach@1", "--test-tasks", "reach@2"]
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "1 LLM forward passes" in result.stdout  # one text prompt for every goal of a task
+    assert any(line.startswith("reach@2") and "unseen" in line for line in lines)
+    assert any(line.startswith("unseen mean") for line in lines) and lines[-1].startswith("SPS=")
+    assert os.path.isdir(os.path.join(shared_dirs["datasets"], "metaworld", "reach-variation-0", "scripted-goal-hidden-mixed-v1"))
