@@ -19,6 +19,7 @@ benchmark is cut at the last step that all of them have evaluated at, so the var
 and the table says "partial".
 """
 import argparse
+import ast
 import collections
 import glob
 import os
@@ -37,21 +38,43 @@ TITLES = {"metaworld": "Meta-World, {split} tasks", "HalfCheetah-v5": "HalfCheet
 OLD_TAGS = {"eval/normalized_score": "eval/seen_mean", "eval/return/": "eval/mean_return/"}
 
 
-def read_scalars(run_dir: str) -> dict:
+def read_run(run_dir: str) -> tuple[dict, dict]:
+    """A run's scalars {tag: [(step, value)]} and its arguments {name: value as logged}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     for old, new in OLD_TAGS.items():
         for tag in [t for t in scalars if t == old or (old.endswith("/") and t.startswith(old))]:
             scalars.setdefault(new + tag[len(old):], scalars.pop(tag))
-    return scalars
+    if "hyperparameters/text_summary" not in events.Tags()["tensors"]:
+        return scalars, {}
+    table = events.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    return scalars, dict(row.strip("|").split("|", 1) for row in table.splitlines()[2:])
+
+
+def benchmark(env: str, params: dict) -> tuple[str, str]:
+    """The table section a run belongs to and its plot title ("{split}" stands for seen or unseen): the environment,
+    and on Meta-World the protocol the run's tasks tell (the paper's split, goals of one task as tasks, ML45, ...)."""
+    if env != "metaworld" or "train_tasks" not in params:
+        return env, TITLES.get(env, env)
+    seen, unseen = (ast.literal_eval(params[name]) for name in ("train_tasks", "test_tasks"))
+    hidden = ", goal hidden" if params.get("hide_goal") == "True" else ""
+    if len(seen) + len(unseen) <= 10 and not hidden and not any("@" in task for task in seen + unseen):
+        return env, TITLES[env]
+    names = {task.partition("@")[0] for task in seen + unseen}
+    if len(names) == 1 and all("@" in task for task in seen + unseen):
+        name = names.pop()
+        return (f"metaworld-ML1-{name}-{len(seen)}-{len(unseen)}",
+                f"Meta-World {name}: {len(seen)} seen -> {len(unseen)} unseen goals{hidden}; {{split}} goals")
+    return (f"metaworld-{len(seen)}-{len(unseen)}",
+            f"Meta-World, {len(seen)} seen -> {len(unseen)} unseen tasks{hidden}; {{split}}")
 
 
 def final_tag(env: str) -> str:
     """The scalar a run's result is read from: the unseen-task mean on Meta-World, the (seen) normalised score on D4RL."""
-    return "eval/unseen_mean" if env == "metaworld" else "eval/seen_mean"
+    return "eval/unseen_mean" if env.startswith("metaworld") else "eval/seen_mean"
 
 
 def seeds_cell(finals: list, decimals: int) -> str:
@@ -83,29 +106,30 @@ def main():
     for folder in [*options.runs, archive]:
         for run_dir in sorted(glob.glob(os.path.join(folder, "*__*__*__*"))):
             run_dirs[os.path.basename(run_dir)].append(run_dir)
-    runs_read, to_archive = [], []  # (benchmark, exp_name, seed, scalars); (run name, folder) of finished runs
+    runs_read, to_archive, titles = [], [], {}  # (benchmark, exp_name, seed, scalars, params); (run name, folder)
     for name, folders in sorted(run_dirs.items()):
         env, exp_name, seed, _ = name.split("__")
         tag = final_tag(env)
         copies = []  # (folder, scalars) up to the first finished copy (a run being extended in runs/ is archived finished)
         for run_dir in folders:
-            scalars = read_scalars(run_dir)
-            copies.append((run_dir, scalars))
+            scalars, params = read_run(run_dir)
+            copies.append((run_dir, scalars, params))
             finished = tag in scalars and "charts/SPS" in scalars and scalars[tag][-1][0] == scalars["charts/SPS"][-1][0]
             if finished:
                 break
         if not finished:  # tabulated with --partial only, from the first copy
-            run_dir, scalars = copies[0]
+            run_dir, scalars, params = copies[0]
             if not (options.partial and tag in scalars):
                 print(f"skipped {run_dir}: no final evaluation (still running, or stopped: continue it with --resume; "
                       "--partial tabulates it)")
                 continue
-        runs_read.append((env, exp_name, int(seed), scalars))
+        bench, titles[bench] = benchmark(env, params)
+        runs_read.append((bench, exp_name, int(seed), scalars, params))
         if finished and os.path.abspath(run_dir) != os.path.abspath(os.path.join(archive, name)):
             to_archive.append((name, run_dir))  # only finished runs: an unfinished one may never finish
     partial_envs = set()
     for env in {env for env, *_ in runs_read} if options.partial else ():  # cut every run at the last common eval step
-        runs = [s for e, _, _, s in runs_read if e == env]
+        runs = [s for e, _, _, s, _ in runs_read if e == env]
         common_step = max(set.intersection(*({step for step, _ in s[final_tag(env)]} for s in runs)), default=None)
         if common_step is None:
             sys.exit(f"error: the {env} runs have no evaluation step in common; wait for their next evaluation")
@@ -119,7 +143,11 @@ def main():
         for event_file in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
             shutil.copy2(event_file, os.path.join(archive, name))
     groups = collections.defaultdict(list)  # (benchmark, exp_name, steps) -> [(seed, scalars)]
-    for env, exp_name, seed, scalars in runs_read:
+    for env, exp_name, seed, scalars, params in runs_read:
+        for split, tasks in (("seen", params.get("train_tasks")), ("unseen", params.get("test_tasks"))):
+            returns = [scalars.get(f"eval/mean_return/{task}") for task in ast.literal_eval(tasks or "()")]
+            if returns and all(returns):  # the mean episode return over a split's tasks, at each evaluation
+                scalars[f"eval/{split}_return"] = [(r[0][0], np.mean([v for _, v in r])) for r in zip(*returns)]
         groups[(env, exp_name, scalars[final_tag(env)][-1][0])].append((seed, scalars))
     os.makedirs(options.out, exist_ok=True)
     import matplotlib
@@ -133,8 +161,11 @@ def main():
         lengths = collections.defaultdict(list)  # exp_name -> the step counts of its rows
         for name, steps in names:
             lengths[name].append(steps)
-        metaworld = env == "metaworld"
-        tags = (sorted({t for key in names for _, s in groups[(env, *key)] for t in s if t.startswith("eval/success_rate/")})
+        metaworld = env.startswith("metaworld")
+        task_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
+                            if t.startswith("eval/success_rate/")})
+        many_tasks = len(task_tags) > 10  # then a column per split, not per task
+        tags = ((["eval/seen_return", "eval/unseen_return"] if many_tasks else task_tags)
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/seen_mean"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] if metaworld else "normalized_score" for t in tags]
         lines += [f"### {env}", ""]
@@ -148,8 +179,9 @@ def main():
             runs = groups[(env, name, steps)]
             cells = [name, ",".join(str(seed) for seed, _ in runs), str(steps)]
             for tag in tags:
-                finals = [100 * s[tag][-1][1] if metaworld else s[tag][-1][1] for _, s in runs if tag in s]
-                cells.append(seeds_cell(finals, 1))
+                rate = metaworld and not tag.endswith("_return")
+                finals = [100 * s[tag][-1][1] if rate else s[tag][-1][1] for _, s in runs if tag in s]
+                cells.append(seeds_cell(finals, 1 if rate or not metaworld else 0))
             lines.append("| " + " | ".join(cells) + " |")
             for axis, curve_tag in zip(axes[0], curve_tags):
                 curves = [dict(s[curve_tag]) for _, s in runs if curve_tag in s]
@@ -174,12 +206,12 @@ def main():
             axis.set_ylabel({"eval/seen_mean": "success rate (%), mean over seen tasks", "eval/unseen_mean":
                              "success rate (%), mean over unseen tasks"}[curve_tag] if metaworld
                             else "D4RL normalised score")
-            axis.set_title(TITLES.get(env, env).format(split=curve_tag.split("/")[1].split("_")[0])
+            axis.set_title(titles[env].format(split=curve_tag.split("/")[1].split("_")[0])
                            + "; band: ±1 std over seeds")
             axis.legend(fontsize="small")
         return_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
                               if t.startswith("eval/mean_return/")})
-        if metaworld and return_tags:  # returns move before success rates do: a table of mean returns per task
+        if metaworld and return_tags and not many_tasks:  # returns move before success rates do: a table of mean returns per task
             lines += ["", "Mean episode return:", "", "| " + " | ".join(["variant"] + [t.split("/")[-1] for t in
                       return_tags]) + " |", "|" + "---|" * (len(return_tags) + 1)]
             for name, steps in names:
@@ -191,7 +223,7 @@ def main():
         figure.tight_layout()
         plot = f"{env}_{'success_rate' if metaworld else 'normalised_score'}.png"
         figure.savefig(os.path.join(options.out, plot), dpi=100)
-        lines += ["", f"![{TITLES.get(env, env).format(split='seen and unseen')}: learning curves]({plot})", ""]
+        lines += ["", f"![{titles[env].format(split='seen and unseen')}: learning curves]({plot})", ""]
     table_path = os.path.join(options.out, "results.md")
     sections = table_sections(lines)  # those made now, then the ones of the old table that no run read belongs to
     old_lines = open(table_path).read().splitlines() if os.path.exists(table_path) else []

@@ -98,6 +98,25 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     assert "### Hopper-v5, from logs no longer at hand\n\n| variant | normalized_score |\n| x | 1.0 |\n\n###" in table
     assert table.count("### metaworld") == 1 and "kept 'Hopper-v5, from logs" in result.stdout
 
+    # goals of one task as tasks (reach@k) get a section of their own, with the mean return of each split
+    writer = SummaryWriter(str(tmp_path / "runs" / "metaworld__ml1__1__100"))
+    seen, unseen = tuple(f"reach@{k}" for k in range(11)), ("reach@11", "reach@12")
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|train_tasks|{seen}|\n|test_tasks|{unseen}|\n|hide_goal|True|")
+    for step in (1000, 2000):
+        writer.add_scalar("charts/SPS", 20.0, step)
+        for task in seen + unseen:
+            writer.add_scalar(f"eval/success_rate/{task}", 0.5, step)
+            writer.add_scalar(f"eval/mean_return/{task}", 100.0 if task in seen else 10.0 * step / 1000, step)
+        writer.add_scalar("eval/seen_mean", 0.5, step)
+        writer.add_scalar("eval/unseen_mean", 0.25, step)
+    writer.close()
+    result = collect("results")
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "### metaworld-ML1-reach-11-2\n" in table and table.count("### metaworld\n") == 1
+    assert "| variant | seeds | steps | seen_return | unseen_return | seen_mean | unseen_mean |" in table
+    assert "| ml1 | 1 | 2000 | 100 | 20 | 50.0 | 25.0 |" in table
+    assert (tmp_path / "results" / "metaworld-ML1-reach-11-2_success_rate.png").stat().st_size > 0
+
 
 def test_eval_speed_benchmark_prints_speed_up_and_its_bound():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "eval_speed.py"), "--episodes", "2",
