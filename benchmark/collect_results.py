@@ -69,7 +69,7 @@ def benchmark(env: str, params: dict) -> tuple[str, str]:
         return (f"metaworld-ML1-{name}-{len(seen)}-{len(unseen)}",
                 f"Meta-World {name}: {len(seen)} seen -> {len(unseen)} unseen goals{hidden}; {{split}} goals")
     return (f"metaworld-{len(seen)}-{len(unseen)}",
-            f"Meta-World, {len(seen)} seen -> {len(unseen)} unseen tasks{hidden}; {{split}}")
+            f"Meta-World, {len(seen)} seen -> {len(unseen)} unseen tasks{hidden}; {{split}} tasks")
 
 
 def final_tag(env: str) -> str:
@@ -207,7 +207,7 @@ def main():
                              "success rate (%), mean over unseen tasks"}[curve_tag] if metaworld
                             else "D4RL normalised score")
             axis.set_title(titles[env].format(split=curve_tag.split("/")[1].split("_")[0])
-                           + "; band: ±1 std over seeds")
+                           .replace("; ", "\n") + "\nband: ±1 std over seeds", fontsize="medium")
             axis.legend(fontsize="small")
         return_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
                               if t.startswith("eval/mean_return/")})
