@@ -34,6 +34,7 @@ PAPER = {"metaworld": {"eval/seen_mean": 80.2, "eval/unseen_mean": 76.2}, "HalfC
          "Hopper-v5": {"eval/seen_mean": 105.9}, "Walker2d-v5": {"eval/seen_mean": 102.2}}
 TITLES = {"metaworld": "Meta-World, {split} tasks", "HalfCheetah-v5": "HalfCheetah medium-replay (stand-in)",
           "Hopper-v5": "Hopper medium-replay (stand-in)", "Walker2d-v5": "Walker2d medium-replay (stand-in)"}
+MAX_TASK_COLUMNS = 10  # a Meta-World table with more tasks has a column per split (success, return), not per task
 # Tags of logs written before the scripts shared their training loop, and what the loop calls them now
 OLD_TAGS = {"eval/normalized_score": "eval/seen_mean", "eval/return/": "eval/mean_return/"}
 
@@ -61,7 +62,7 @@ def benchmark(env: str, params: dict) -> tuple[str, str]:
         return env, TITLES.get(env, env)
     seen, unseen = (ast.literal_eval(params[name]) for name in ("train_tasks", "test_tasks"))
     hidden = ", goal hidden" if params.get("hide_goal") == "True" else ""
-    if len(seen) + len(unseen) <= 10 and not hidden and not any("@" in task for task in seen + unseen):
+    if len(seen) + len(unseen) <= MAX_TASK_COLUMNS and not hidden and not any("@" in task for task in seen + unseen):
         return env, TITLES[env]
     names = {task.partition("@")[0] for task in seen + unseen}
     if len(names) == 1 and all("@" in task for task in seen + unseen):
@@ -164,7 +165,7 @@ def main():
         metaworld = env.startswith("metaworld")
         task_tags = sorted({t for key in names for _, s in groups[(env, *key)] for t in s
                             if t.startswith("eval/success_rate/")})
-        many_tasks = len(task_tags) > 10  # then a column per split, not per task
+        many_tasks = len(task_tags) > MAX_TASK_COLUMNS
         tags = ((["eval/seen_return", "eval/unseen_return"] if many_tasks else task_tags)
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/seen_mean"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] if metaworld else "normalized_score" for t in tags]
