@@ -114,8 +114,6 @@ class Args:
     """learning rate of the policy and both prompt encoders"""
     critic_lr: float = 3e-4
     """learning rate of the critics"""
-    lr_decay: bool = False
-    """cosine-anneal both learning rates to 0 over `total_steps` (off: Diffusion-QL's code default)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -562,7 +560,6 @@ class Agent(nn.Module):
             self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
             self.critic_optimizer = adam(self.critic.parameters(), lr=args.critic_lr)
             self.optimizers.append(self.critic_optimizer)
-        self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps) for opt in self.optimizers]
         self.ema_prompts = None  # the EMA policy's prompt embeddings: they change only when the EMA policy does
 
     def critic_prompts(self, task_prompts: torch.Tensor) -> torch.Tensor:
@@ -617,15 +614,12 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
-        """The EMA policy (Diffusion-QL: every 5 steps from step 1000) and the learning rates, after step `step`.
-        The EMA prompts are refreshed in place, where a CUDA graph of the update reads them."""
+        """The EMA policy (Diffusion-QL: every 5 steps from step 1000), after step `step`. The EMA prompts are
+        refreshed in place, where a CUDA graph of the update reads them."""
         if step % self.args.ema_every == 0 and step >= self.args.ema_start:
             torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - self.args.ema_decay)
             if self.ema_prompts is not None:
                 self.ema_prompts.copy_(self.policy_ema.encode_prompts(llm_features, trajectories))
-        if self.args.lr_decay:
-            for scheduler in self.schedulers:
-                scheduler.step()
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_prompt: torch.Tensor) -> torch.Tensor:
@@ -644,15 +638,12 @@ class Agent(nn.Module):
 
     def training_state(self) -> dict:
         return dict(model=self.state_dict(), optimizers=[opt.state_dict() for opt in self.optimizers],
-                    schedulers=[scheduler.state_dict() for scheduler in self.schedulers],
                     python_rng=self.python_rng.getstate())
 
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state["model"])
-        for optimizer, scheduler, opt_state, scheduler_state in zip(self.optimizers, self.schedulers,
-                                                                   state["optimizers"], state["schedulers"], strict=True):
-            optimizer.load_state_dict(opt_state)
-            scheduler.load_state_dict(scheduler_state)
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
             for group in optimizer.param_groups:  # where this run runs, not where the checkpoint's did
                 group["capturable"] = self.args.cudagraphs
         self.python_rng.setstate(state["python_rng"])
@@ -689,8 +680,6 @@ def cuda_graph(function, warmup_calls: int = 3):
 def check_speed_flags(args, device: torch.device) -> None:
     if args.cudagraphs and device.type != "cuda":
         sys.exit("error: --cudagraphs needs a CUDA device (and --cuda)")
-    if args.cudagraphs and args.lr_decay:
-        sys.exit("error: --cudagraphs records the learning rates as constants; leave out --lr-decay or --cudagraphs")
     if args.compile:  # fail now, not at the first update, where nothing can compile
         try:
             torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
@@ -701,7 +690,7 @@ def check_speed_flags(args, device: torch.device) -> None:
 
 
 # ---- Checkpoints and the arguments of --resume / --eval-only
-CHECKPOINT_FORMAT = "llmdpd-checkpoint-v2"
+CHECKPOINT_FORMAT = "llmdpd-checkpoint-v3"
 
 
 def save_checkpoint(path: str, agent: Agent, step: int, args, task_llm_features: dict, task_trajectories: dict):
@@ -992,9 +981,6 @@ def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
         return 0, run_dir
     step, saved_total_steps = checkpoint["step"], checkpoint["args"].total_steps
     run_dir = os.path.dirname(os.path.abspath(args.resume))
-    if args.total_steps != saved_total_steps and args.lr_decay:
-        sys.exit(f"error: this run anneals its learning rates to 0 over its {saved_total_steps} steps (--lr-decay), "
-                 f"so it cannot be made longer or shorter; start a new run with --total-steps {args.total_steps}")
     if args.total_steps <= step:
         sys.exit(f"error: this checkpoint is at step {step} already, and the run's --total-steps is {args.total_steps}; "
                  "give a larger --total-steps to train it further")
@@ -1103,7 +1089,6 @@ def main() -> dict:
             for name, value in zip(("critic_loss", "diffusion_loss", "q_loss"), mean_losses):
                 writer.add_scalar(f"losses/{name}", value.item(), done)
             writer.add_scalar("charts/SPS", sps, done)
-            writer.add_scalar("charts/learning_rate", float(agent.policy_optimizer.param_groups[0]["lr"]), done)
             if done % (args.log_every * 10) == 0 or done == args.total_steps:
                 print(f"step {done:>7}  critic {mean_losses[0]:9.3f}  diffusion {mean_losses[1]:.4f}  "
                       f"q {mean_losses[2]:8.3f}  SPS {sps:.1f}", flush=True)

@@ -9,8 +9,6 @@ on, `--candidates` actions sampled per state and picked by Q, as at evaluation. 
 For Meta-World it then times the parts (env.step, env.reset, a policy call for 1 and for `--episodes` states) and
 prints the best speed-up that batching could reach: never below the MuJoCo time of each env step.
 `--cuda` puts the policy on the GPU (the environments stay on the CPU, as in the scripts' evaluation).
-`--processes` steps each environment in its own process (Meta-World's `--eval-processes`; the one-env loop then has
-its one environment in a process too); the printed bound is for environments stepped in this process.
 """
 import argparse
 import importlib.util
@@ -33,11 +31,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cuda", action="store_true", help="policy on the GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the policy call (compiled in the warm-up runs)")
-    parser.add_argument("--processes", action="store_true",
-                        help="Meta-World's --eval-processes: each environment of the batched loop in its own process")
     options = parser.parse_args()
-    if options.processes and options.script != "metaworld":
-        parser.error("--processes is Meta-World's --eval-processes; the D4RL script has no such option")
     torch.set_num_threads(options.threads)
     path = os.path.join(HERE, "..", f"llmdpd_{options.script}.py")
     spec = importlib.util.spec_from_file_location("llmdpd", path)
@@ -47,7 +41,7 @@ def main():
     device = torch.device("cuda" if options.cuda else "cpu")
     if options.script == "metaworld":
         args = module.Args(eval_episodes=options.episodes, eval_candidates=options.candidates,
-                           max_episode_steps=options.max_episode_steps, eval_processes=options.processes)
+                           max_episode_steps=options.max_episode_steps)
         obs_dim, act_dim, task = module.OBS_DIM, module.ACT_DIM, options.task
     else:
         args = module.Args(env_id="Hopper-v5", eval_episodes=options.episodes, eval_candidates=options.candidates,
@@ -75,8 +69,7 @@ def main():
     run(None), run(1)  # warm-up: builds the environments (Meta-World keeps them for the run); --compile compiles
     batched, single = run(None), run(1)
     print(f"{options.script} eval, {options.episodes} episodes, {options.candidates} candidates, {options.threads} thread(s), "
-          f"policy on {device.type}{', compiled' if options.compile else ''}"
-          f"{', environments in processes' if options.processes else ''}:")
+          f"policy on {device.type}{', compiled' if options.compile else ''}:")
     print(f"  batched            {batched:8.1f} env steps/s")
     print(f"  one env at a time  {single:8.1f} env steps/s")
     print(f"  speed-up           {batched / single:8.2f}x")
