@@ -8,7 +8,7 @@ and trained Diffusion-QL style: a DDPM policy (Eq. 4-5) and twin critics (Eq. 6-
 
     python llmdpd_d4rl.py --env-id Hopper-v5 --dataset-path hopper_medium_replay-v2.hdf5   # a D4RL HDF5 file
     python llmdpd_d4rl.py --env-id Hopper-v5 --minari-id mujoco/hopper/medium-v0           # a Minari dataset
-The two blocks between "ALGORITHM CORE" and "TRAINING LOOP" rulers are the same text in llmdpd_metaworld.py.
+The ALGORITHM CORE block and the TRAINING LOOP block (to the end of the file) are the same text in llmdpd_metaworld.py.
 """
 import copy
 import functools
@@ -275,10 +275,13 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
     """M(prompt) of Eq. 1 for each prompt, from the disk cache where present. Returns (features, LLM forward passes).
     The cache key holds everything that changes the features: model and its files, dtype, device, matmul precision."""
     source, kwargs = resolve_llm(llm)
-    key = (f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0"
-           f"{torch.get_float32_matmul_precision()}\0")
     cache_dir = os.path.expanduser(cache_dir)
-    paths = {p: os.path.join(cache_dir, hashlib.sha256((key + p).encode()).hexdigest() + ".pt") for p in prompts}
+
+    def cache_paths() -> dict:
+        key = f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}\0"
+        return {p: os.path.join(cache_dir, hashlib.sha256((key + p).encode()).hexdigest() + ".pt") for p in prompts}
+
+    paths = cache_paths()
     features = {p: torch.load(path) for p, path in paths.items() if os.path.exists(path)}
     missing = [p for p in paths if p not in features]
     if missing:
@@ -292,12 +295,14 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
                 f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
                 "Pass a local model folder or a reachable Hugging Face id (gated models need `huggingface-cli "
                 "login`), or drop --llm to use the embedded default")
+        paths = cache_paths()  # a hub model downloaded just now has files to fingerprint only from here on
         os.makedirs(cache_dir, exist_ok=True)
         for prompt in missing:  # one prompt per forward: no padding, and little memory for 8B models
             tokens = tokenizer([prompt], return_tensors="pt").to(device)
             hidden = model(**tokens).last_hidden_state
             features[prompt] = masked_mean_pool(hidden.float(), tokens["attention_mask"])[0].cpu()
-            torch.save(features[prompt], paths[prompt])
+            torch.save(features[prompt], f"{paths[prompt]}.{os.getpid()}.tmp")  # atomic: no half-written entry
+            os.replace(f"{paths[prompt]}.{os.getpid()}.tmp", paths[prompt])
     return torch.stack([features[p] for p in prompts]), len(missing)
 
 
@@ -722,6 +727,10 @@ def parse_args() -> tuple:
     """The command line's Args and, with --resume or --eval-only, the checkpoint. Those modes run with the checkpoint's
     arguments as the defaults; a flag outside their allow-list that changes one would be ignored, so it is refused."""
     args = tyro.cli(Args)
+    for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     if not (args.resume or args.eval_only):
         return args, None
     if args.resume and args.eval_only:
@@ -745,12 +754,15 @@ def parse_args() -> tuple:
     return args, checkpoint
 
 
-def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "diffusion_loss", "q_loss")):
+LOSS_NAMES = ("critic_loss", "diffusion_loss", "q_loss")
+
+
+def check_finite(losses: torch.Tensor, first_step: int):
     """losses: (steps, 3) since the last check. Stops the run at the first non-finite one, naming step and loss."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         row, column = map(int, bad.nonzero()[0])
-        sys.exit(f"error: non-finite {names[column]} = {losses[row, column].item()} at step {first_step + row}. "
+        sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {first_step + row}. "
                  "Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
 
 
@@ -763,9 +775,10 @@ D4RL_REF_SCORES = {"HalfCheetah": (-280.178953, 12135.0), "Hopper": (-20.272305,
 
 def check_args(args: Args) -> None:
     """Fail fast, before the LLM loads: an unknown environment, no data, or half of the reference scores."""
-    if args.env_id.split("-")[0] not in ENVIRONMENTS:
+    name, _, version = args.env_id.partition("-")
+    if name not in ENVIRONMENTS or version not in ("v4", "v5"):
         sys.exit(f"error: unknown --env-id {args.env_id!r}; LLMDPD's D4RL suite has "
-                 + ", ".join(f"{name}-v5" for name in ENVIRONMENTS))
+                 + ", ".join(f"{name}-v5" for name in ENVIRONMENTS) + " (or -v4)")
     if (args.ref_min_score is None) != (args.ref_max_score is None):
         sys.exit("error: give both --ref-min-score and --ref-max-score, or neither (then the dataset's or D4RL's are used)")
     if not args.eval_only and not (args.dataset_path and os.path.exists(args.dataset_path)) and not args.minari_id:
@@ -883,6 +896,9 @@ def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> t
     *ref, ref_source = reference_scores(args, metadata)
     args.ref_min_score, args.ref_max_score = ref
     episodes = episode_bounds(transitions)
+    if not -len(episodes) <= args.traj_prompt_episode < len(episodes):
+        sys.exit(f"error: --traj-prompt-episode {args.traj_prompt_episode} is out of range: the data has "
+                 f"{len(episodes)} episodes")
     first, last = episodes[args.traj_prompt_episode]
     print(f"offline data: {len(transitions['rewards'])} transitions, {len(episodes)} episodes, "
           f"{int(transitions['terminals'].sum())} terminals, {int(transitions['timeouts'].sum())} timeouts "
@@ -924,6 +940,8 @@ def evaluate(agent: Agent, args: Args, task: str, task_prompt: torch.Tensor, dev
                 episode_return[i] += reward
                 active[i] = not (terminated or truncated)
         returns += list(episode_return)
+        for env in envs:
+            env.close()
     scores = normalized_score(returns, args.ref_min_score, args.ref_max_score)
     return dict(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()),
                 mean_return=float(np.mean(returns)))
@@ -1025,7 +1043,7 @@ def main() -> dict:
     llm_seconds = time.time() - start
     print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
           f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
-          "checkpoint" + ("" if args.text_prompt else " (--no-text-prompt)"), flush=True)
+          "checkpoint" if args.text_prompt else "text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
@@ -1081,12 +1099,12 @@ def main() -> dict:
         eval_now = args.eval_every > 0 and done % args.eval_every == 0 and done != args.total_steps
         if not (log_now or save_now or eval_now):
             continue
-        losses = torch.stack(window_losses).cpu()  # the only host sync of the training loop
+        losses = torch.stack(window_losses).cpu()  # the training loop's one host sync (with mixed-task batches)
         train_seconds += time.time() - tick
         check_finite(losses, window_start)
         if log_now:
             mean_losses, sps = losses.mean(0), (done - start_step) / train_seconds
-            for name, value in zip(("critic_loss", "diffusion_loss", "q_loss"), mean_losses):
+            for name, value in zip(LOSS_NAMES, mean_losses):
                 writer.add_scalar(f"losses/{name}", value.item(), done)
             writer.add_scalar("charts/SPS", sps, done)
             if done % (args.log_every * 10) == 0 or done == args.total_steps:

@@ -8,7 +8,7 @@ Both embeddings condition a DDPM policy (Eq. 4-5) trained Diffusion-QL style wit
 
     python llmdpd_metaworld.py                                         # embedded SmolLM2-135M, offline, CPU
     python llmdpd_metaworld.py --llm meta-llama/Meta-Llama-3-8B        # a large LLM on a GPU
-The two blocks between "ALGORITHM CORE" and "TRAINING LOOP" rulers are the same text in llmdpd_d4rl.py.
+The ALGORITHM CORE block and the TRAINING LOOP block (to the end of the file) are the same text in llmdpd_d4rl.py.
 """
 import copy
 import functools
@@ -307,10 +307,13 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
     """M(prompt) of Eq. 1 for each prompt, from the disk cache where present. Returns (features, LLM forward passes).
     The cache key holds everything that changes the features: model and its files, dtype, device, matmul precision."""
     source, kwargs = resolve_llm(llm)
-    key = (f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0"
-           f"{torch.get_float32_matmul_precision()}\0")
     cache_dir = os.path.expanduser(cache_dir)
-    paths = {p: os.path.join(cache_dir, hashlib.sha256((key + p).encode()).hexdigest() + ".pt") for p in prompts}
+
+    def cache_paths() -> dict:
+        key = f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}\0"
+        return {p: os.path.join(cache_dir, hashlib.sha256((key + p).encode()).hexdigest() + ".pt") for p in prompts}
+
+    paths = cache_paths()
     features = {p: torch.load(path) for p, path in paths.items() if os.path.exists(path)}
     missing = [p for p in paths if p not in features]
     if missing:
@@ -324,12 +327,14 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
                 f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
                 "Pass a local model folder or a reachable Hugging Face id (gated models need `huggingface-cli "
                 "login`), or drop --llm to use the embedded default")
+        paths = cache_paths()  # a hub model downloaded just now has files to fingerprint only from here on
         os.makedirs(cache_dir, exist_ok=True)
         for prompt in missing:  # one prompt per forward: no padding, and little memory for 8B models
             tokens = tokenizer([prompt], return_tensors="pt").to(device)
             hidden = model(**tokens).last_hidden_state
             features[prompt] = masked_mean_pool(hidden.float(), tokens["attention_mask"])[0].cpu()
-            torch.save(features[prompt], paths[prompt])
+            torch.save(features[prompt], f"{paths[prompt]}.{os.getpid()}.tmp")  # atomic: no half-written entry
+            os.replace(f"{paths[prompt]}.{os.getpid()}.tmp", paths[prompt])
     return torch.stack([features[p] for p in prompts]), len(missing)
 
 
@@ -754,6 +759,10 @@ def parse_args() -> tuple:
     """The command line's Args and, with --resume or --eval-only, the checkpoint. Those modes run with the checkpoint's
     arguments as the defaults; a flag outside their allow-list that changes one would be ignored, so it is refused."""
     args = tyro.cli(Args)
+    for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     if not (args.resume or args.eval_only):
         return args, None
     if args.resume and args.eval_only:
@@ -777,12 +786,15 @@ def parse_args() -> tuple:
     return args, checkpoint
 
 
-def check_finite(losses: torch.Tensor, first_step: int, names=("critic_loss", "diffusion_loss", "q_loss")):
+LOSS_NAMES = ("critic_loss", "diffusion_loss", "q_loss")
+
+
+def check_finite(losses: torch.Tensor, first_step: int):
     """losses: (steps, 3) since the last check. Stops the run at the first non-finite one, naming step and loss."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         row, column = map(int, bad.nonzero()[0])
-        sys.exit(f"error: non-finite {names[column]} = {losses[row, column].item()} at step {first_step + row}. "
+        sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {first_step + row}. "
                  "Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
 
 
@@ -812,6 +824,8 @@ def check_args(args: Args) -> None:
     if unknown:
         sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (with or without -v3, with or without "
                  f"@k for one variation, k in [0, {N_VARIATIONS})):\n  " + " ".join(sorted(METAWORLD_TASKS)))
+    if not args.train_tasks:
+        sys.exit("error: --train-tasks is empty: name at least one seen task")
     named_twice = sorted({task for task in tasks if tasks.count(task) > 1})
     if named_twice:
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
@@ -1122,7 +1136,7 @@ def main() -> dict:
     llm_seconds = time.time() - start
     print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
           f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
-          "checkpoint" + ("" if args.text_prompt else " (--no-text-prompt)"), flush=True)
+          "checkpoint" if args.text_prompt else "text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
@@ -1178,12 +1192,12 @@ def main() -> dict:
         eval_now = args.eval_every > 0 and done % args.eval_every == 0 and done != args.total_steps
         if not (log_now or save_now or eval_now):
             continue
-        losses = torch.stack(window_losses).cpu()  # the only host sync of the training loop
+        losses = torch.stack(window_losses).cpu()  # the training loop's one host sync (with mixed-task batches)
         train_seconds += time.time() - tick
         check_finite(losses, window_start)
         if log_now:
             mean_losses, sps = losses.mean(0), (done - start_step) / train_seconds
-            for name, value in zip(("critic_loss", "diffusion_loss", "q_loss"), mean_losses):
+            for name, value in zip(LOSS_NAMES, mean_losses):
                 writer.add_scalar(f"losses/{name}", value.item(), done)
             writer.add_scalar("charts/SPS", sps, done)
             if done % (args.log_every * 10) == 0 or done == args.total_steps:

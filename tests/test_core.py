@@ -180,6 +180,22 @@ def test_embedding_cache_hit_skips_the_llm(metaworld_script, tiny_llm, tmp_path,
         features_of(metaworld_script, prompts, str(copy), tmp_path / "cache")
 
 
+def test_a_model_downloaded_by_the_first_run_is_a_cache_hit_for_the_next(metaworld_script, tiny_llm, tmp_path,
+                                                                         monkeypatch):
+    """A hub model has no files to fingerprint before its first download: the entries are written under the key of
+    the files as downloaded, which is what the next run computes. No temporary file is left behind."""
+    import transformers
+
+    downloaded = []
+    load = transformers.AutoModel.from_pretrained
+    monkeypatch.setattr(metaworld_script, "llm_files_fingerprint", lambda source: f"files{len(downloaded)}")
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda *args, **kwargs: downloaded.append(1) or load(*args, **kwargs))
+    assert features_of(metaworld_script, ["a prompt"], tiny_llm, tmp_path)[1] == 1
+    assert features_of(metaworld_script, ["a prompt"], tiny_llm, tmp_path)[1] == 0 and len(downloaded) == 1
+    assert [name.endswith(".pt") for name in os.listdir(tmp_path)] == [True]
+
+
 def test_llm_embedding_is_the_mean_of_the_last_hidden_layer(metaworld_script, tiny_llm, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 

@@ -275,6 +275,15 @@ def test_one_reference_score_alone_is_refused(tmp_path):
     assert result.returncode != 0 and "give both --ref-min-score and --ref-max-score" in result.stderr
 
 
-def test_unknown_env_id(tmp_path):
-    result = run_script(SCRIPT, "--env-id", "Ant-v5", cwd=tmp_path)
-    assert result.returncode != 0 and "unknown --env-id 'Ant-v5'" in result.stderr
+@pytest.mark.parametrize("env_id", ["Ant-v5", "Hopper-v3", "Hopper-v9"])
+def test_unknown_env_id(tmp_path, env_id):
+    result = run_script(SCRIPT, "--env-id", env_id, cwd=tmp_path)
+    assert result.returncode != 0 and f"unknown --env-id {env_id!r}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trajectory_prompt_episode_out_of_range_is_refused(tmp_path):
+    write_d4rl_file(tmp_path / "hopper-tiny.hdf5", hopper_episodes(n_episodes=3, max_steps=20))
+    result = run_script(SCRIPT, "--dataset-path", str(tmp_path / "hopper-tiny.hdf5"), "--no-text-prompt",
+                        "--traj-prompt-episode", "3", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--traj-prompt-episode 3 is out of range: the data has 3 episodes" in result.stderr

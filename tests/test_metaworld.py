@@ -298,7 +298,10 @@ def test_bad_llm_gives_one_clear_message(llm, message, shared_dirs, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--eval-only"], "--eval-only needs --checkpoint PATH"),
     (["--max-episode-steps", "501"], "--max-episode-steps must be in [1, 500]"),
-    (["--max-episode-steps", "0"], "--max-episode-steps must be in [1, 500]")])
+    (["--max-episode-steps", "0"], "--max-episode-steps must be in [1, 500]"),
+    (["--train-tasks"], "--train-tasks is empty"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--eval-candidates", "0"], "--eval-candidates must be at least 1")])
 def test_bad_run_settings_are_refused_at_once(tmp_path, flags, message):
     result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
