@@ -264,6 +264,14 @@ def llm_files_fingerprint(source: str) -> str:
     return hashlib.sha256(repr(files).encode()).hexdigest()
 
 
+def save_atomic(obj, path: str) -> None:
+    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`,
+    and runs writing the same file at once do not mix their bytes."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
 def masked_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the last hidden layer over the real (non-padding) tokens: (n, L, d), (n, L) -> (n, d)."""
     mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
@@ -301,8 +309,7 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
             tokens = tokenizer([prompt], return_tensors="pt").to(device)
             hidden = model(**tokens).last_hidden_state
             features[prompt] = masked_mean_pool(hidden.float(), tokens["attention_mask"])[0].cpu()
-            torch.save(features[prompt], f"{paths[prompt]}.{os.getpid()}.tmp")  # atomic: no half-written entry
-            os.replace(f"{paths[prompt]}.{os.getpid()}.tmp", paths[prompt])
+            save_atomic(features[prompt], paths[prompt])
     return torch.stack([features[p] for p in prompts]), len(missing)
 
 
@@ -699,12 +706,11 @@ CHECKPOINT_FORMAT = "llmdpd-checkpoint-v3"
 
 
 def save_checkpoint(path: str, agent: Agent, step: int, args, task_llm_features: dict, task_trajectories: dict):
-    """Atomic write: a crash mid-save never destroys the previous checkpoint."""
+    """Atomic write (save_atomic): a crash mid-save never destroys the previous checkpoint."""
     state = dict(format=CHECKPOINT_FORMAT, script=os.path.basename(__file__), args=asdict(args), step=step,
                  agent=agent.training_state(), task_llm_features=task_llm_features, task_trajectories=task_trajectories,
                  torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic(state, path)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -1041,9 +1047,9 @@ def main() -> dict:
                                                  args.embedding_cache_dir, device, args.llm_dtype)
         task_llm_features.update(zip(missing, features))
     llm_seconds = time.time() - start
-    print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
-          f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
-          "checkpoint" if args.text_prompt else "text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
+    print((f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
+           f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
+           "checkpoint") if args.text_prompt else "text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
