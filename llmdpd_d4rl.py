@@ -241,10 +241,10 @@ class MishCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         s = torch.sigmoid(x)
-        p = s * (2 - s)
-        w = p.div_(2 - p)
+        w = s * (2 - s)
+        w.div_(2 - w)  # in place, as below: fewer tensors to allocate
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(w + x * s * (1 - w * w))
+            ctx.save_for_backward((1 - w * w).mul_(s).mul_(x).add_(w))  # w + x s (1 - w^2)
         return x * w
 
     @staticmethod
