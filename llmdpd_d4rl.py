@@ -192,14 +192,12 @@ def resolve_llm(llm: str) -> tuple[str, dict]:
     return llm, {}
 
 def llm_files_fingerprint(source: str) -> str:
-    """Names, sizes and times of the model's files (a hub id's snapshot folder), so that another wheel, an edited folder
-    or a new hub revision of the same --llm is not served the old embeddings from the cache."""
-    if not os.path.isdir(source):
+    """Names, sizes and times of the model files: a new wheel, an edited folder or hub revision gets new embeddings."""
+    if not os.path.isdir(source):  # a hub id: its snapshot folder in the local cache, if any
         config = try_to_load_from_cache(source, "config.json")
-        source = os.path.dirname(config) if isinstance(config, str) else ""
-    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()) \
-        if source else []
-    return hashlib.sha256(repr(files).encode()).hexdigest()
+        source = os.path.dirname(config) if isinstance(config, str) else None
+    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
+    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
 
 def save_atomic(obj, path: str) -> None:
     """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`."""
@@ -208,8 +206,7 @@ def save_atomic(obj, path: str) -> None:
 
 @torch.no_grad()
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
-    """M(prompt) of Eq. 1 for each prompt, from the disk cache where present. Returns (features, LLM forward passes).
-    The cache key holds everything that changes the features: model and its files, dtype, device, matmul precision."""
+    """M(prompt) of Eq. 1 per prompt, from a disk cache keyed on all that changes it. Returns (features, LLM passes)."""
     source, kwargs = resolve_llm(llm)
     cache_dir = os.path.expanduser(cache_dir)
 
@@ -376,8 +373,7 @@ class Diffusion(nn.Module):
         return x0.clamp(-self.max_action, self.max_action) if self.clip_denoised else x0
 
     def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor, step_embedding: torch.Tensor):
-        """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, through the (clipped) clean-action
-        estimate as Diffusion-QL computes mu_theta."""
+        """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, mu_theta from the (clipped) a^0 estimate."""
         predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
         x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
@@ -476,8 +472,7 @@ class Agent(nn.Module):
         return task_prompts.detach() if self.args.critic_prompt else task_prompts.detach()[:, :0]
 
     def update(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
-        """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx); returns the losses, not synced.
-        Nothing here reads the host, so on CUDA it can be recorded once as a graph and replayed (--cudagraphs)."""
+        """One step on a batch; returns the losses unsynced. It never reads the host, so a CUDA graph can replay it."""
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
         # Eq. 1 and 3, once per task (not per sample): (tasks, prompt_dim); each sample's z is its task's row
         task_prompts = self.policy.encode_prompts(llm_features, trajectories)
@@ -524,8 +519,7 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
-        """The EMA policy (Diffusion-QL: every 5 steps from step 1000), after step `step`. The EMA prompts are
-        refreshed in place, where a CUDA graph of the update reads them."""
+        """The EMA policy (Diffusion-QL: every 5 steps from step 1000); its prompts refreshed in place for CUDA graphs."""
         if step % self.args.ema_every == 0 and step >= self.args.ema_start:
             torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - self.args.ema_decay)
             if self.ema_prompts is not None:
@@ -533,8 +527,7 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_prompt: torch.Tensor) -> torch.Tensor:
-        """Actions for a batch of states of one task (task_prompt: (1, prompt_dim)), as Diffusion-QL picks them:
-        `eval_candidates` actions sampled per state, one drawn by softmax over the target critics' min Q."""
+        """Actions for states of one task, as Diffusion-QL picks them: one of `eval_candidates` by softmax over min Q."""
         n_candidates = self.args.eval_candidates if self.critic is not None else 1
         obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
         task_idx = torch.zeros(len(obs_repeated), dtype=torch.long, device=obs.device)
@@ -561,9 +554,8 @@ class Agent(nn.Module):
 
 # ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
 def cuda_graph(function, warmup_calls: int = 3):
-    """`function` run `warmup_calls` times on a side stream (as torch.cuda.graph asks), then recorded once as a CUDA
-    graph and replayed: one launch for the step's many small kernels. Each call's tensors are copied into the recorded
-    inputs; the graph redraws its random numbers at every replay."""
+    """`function` warmed up on a side stream, recorded once as a CUDA graph, then replayed (one launch for the step's
+    many small kernels) on each call's inputs, copied in. Each replay draws new random numbers."""
     graph, recorded, calls = torch.cuda.CUDAGraph(), {}, [0]
 
     def replay(*inputs):
@@ -621,8 +613,8 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 def parse_args() -> tuple:
-    """The command line's Args and, with --resume or --eval-only, the checkpoint. Those modes run with the checkpoint's
-    arguments as the defaults; a flag outside their allow-list that changes one would be ignored, so it is refused."""
+    """Args and, with --resume or --eval-only, the checkpoint, whose arguments are then the defaults: a flag outside
+    the mode's allow-list that changes one is refused."""
     args = tyro.cli(Args)
     for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
                  "log_every"):
@@ -829,8 +821,7 @@ def run_name(args: Args) -> str:
 # ========================= TRAINING LOOP (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task_trajectories: dict,
                  device: torch.device, writer=None, step: int = 0) -> dict:
-    """Every task of `splits` ({task: 'seen' or 'unseen'}). Evaluation draws from its own copy of the RNG state, so
-    that training (and a resumed run) does not depend on when or how often it evaluates."""
+    """Every task of `splits` ({task: 'seen' or 'unseen'}), on a copy of the RNG state: training never depends on it."""
     results = {}
     for task, split in splits.items():
         start = time.time()
@@ -862,8 +853,7 @@ def print_table(results: dict) -> None:
             print(f"{split + ' mean':<36}{np.mean(values):>22.2f}")
 
 def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
-    """The first step and the run folder: a new run's, or the resumed checkpoint's, after checking that resuming it
-    there trains something and overwrites nothing a user would want to keep."""
+    """The first step and the run folder: a new one, or the resumed checkpoint's, where resuming must overwrite nothing."""
     if checkpoint is None:
         run_dir = os.path.join("runs", run_name(args))
         if os.path.exists(run_dir):
@@ -908,16 +898,15 @@ def main() -> dict:
     missing = [task for task in splits if task not in task_llm_features]
     if not args.text_prompt:  # w/o-z_text
         task_llm_features.update({task: torch.zeros(0) for task in missing})
-        print("text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
-    else:
-        if missing:
-            features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
-                                                     args.embedding_cache_dir, device, args.llm_dtype)
-            task_llm_features.update(zip(missing, features))
-        print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward "
-              f"passes ({len(missing) - llm_passes} from cache) in {time.time() - start:.1f}s, "
-              f"{len(splits) - len(missing)} from the checkpoint", flush=True)
+    elif missing:
+        features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
+                                                 args.embedding_cache_dir, device, args.llm_dtype)
+        task_llm_features.update(zip(missing, features))
     llm_seconds = time.time() - start
+    print("text prompts: none, 0 LLM forward passes (--no-text-prompt)" if not args.text_prompt else
+          f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
+          f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
+          "checkpoint", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)

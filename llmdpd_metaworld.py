@@ -179,8 +179,7 @@ METAWORLD_TASKS = {
 }
 
 def build_text_prompt(task: str, args: Args) -> str:
-    """The LLM input of Eq. 1: the paper's instruction, then the structured task description (the same for every
-    variation of a task: only the trajectory prompt tells one goal from another)."""
+    """The LLM input of Eq. 1: the paper's instruction, then the task's structured description (one for all its goals)."""
     name = task.partition("@")[0]
     objective, objects, randomised, success = METAWORLD_TASKS[name]
     goal = "three zeros where the goal position would be" if args.hide_goal else "the goal position"
@@ -225,14 +224,12 @@ def resolve_llm(llm: str) -> tuple[str, dict]:
     return llm, {}
 
 def llm_files_fingerprint(source: str) -> str:
-    """Names, sizes and times of the model's files (a hub id's snapshot folder), so that another wheel, an edited folder
-    or a new hub revision of the same --llm is not served the old embeddings from the cache."""
-    if not os.path.isdir(source):
+    """Names, sizes and times of the model files: a new wheel, an edited folder or hub revision gets new embeddings."""
+    if not os.path.isdir(source):  # a hub id: its snapshot folder in the local cache, if any
         config = try_to_load_from_cache(source, "config.json")
-        source = os.path.dirname(config) if isinstance(config, str) else ""
-    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()) \
-        if source else []
-    return hashlib.sha256(repr(files).encode()).hexdigest()
+        source = os.path.dirname(config) if isinstance(config, str) else None
+    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
+    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
 
 def save_atomic(obj, path: str) -> None:
     """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`."""
@@ -241,8 +238,7 @@ def save_atomic(obj, path: str) -> None:
 
 @torch.no_grad()
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
-    """M(prompt) of Eq. 1 for each prompt, from the disk cache where present. Returns (features, LLM forward passes).
-    The cache key holds everything that changes the features: model and its files, dtype, device, matmul precision."""
+    """M(prompt) of Eq. 1 per prompt, from a disk cache keyed on all that changes it. Returns (features, LLM passes)."""
     source, kwargs = resolve_llm(llm)
     cache_dir = os.path.expanduser(cache_dir)
 
@@ -409,8 +405,7 @@ class Diffusion(nn.Module):
         return x0.clamp(-self.max_action, self.max_action) if self.clip_denoised else x0
 
     def p_sample(self, noisy_action: torch.Tensor, step: int, condition: torch.Tensor, step_embedding: torch.Tensor):
-        """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, through the (clipped) clean-action
-        estimate as Diffusion-QL computes mu_theta."""
+        """One reverse step of Eq. 4, a^{k-1} = mu_theta(a^k, k) + sigma_k eps, mu_theta from the (clipped) a^0 estimate."""
         predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
         x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
@@ -509,8 +504,7 @@ class Agent(nn.Module):
         return task_prompts.detach() if self.args.critic_prompt else task_prompts.detach()[:, :0]
 
     def update(self, batch: dict, llm_features: torch.Tensor, trajectories: torch.Tensor) -> torch.Tensor:
-        """One step on a batch (obs, actions, rewards, next_obs, not_done, task_idx); returns the losses, not synced.
-        Nothing here reads the host, so on CUDA it can be recorded once as a graph and replayed (--cudagraphs)."""
+        """One step on a batch; returns the losses unsynced. It never reads the host, so a CUDA graph can replay it."""
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
         # Eq. 1 and 3, once per task (not per sample): (tasks, prompt_dim); each sample's z is its task's row
         task_prompts = self.policy.encode_prompts(llm_features, trajectories)
@@ -557,8 +551,7 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
-        """The EMA policy (Diffusion-QL: every 5 steps from step 1000), after step `step`. The EMA prompts are
-        refreshed in place, where a CUDA graph of the update reads them."""
+        """The EMA policy (Diffusion-QL: every 5 steps from step 1000); its prompts refreshed in place for CUDA graphs."""
         if step % self.args.ema_every == 0 and step >= self.args.ema_start:
             torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - self.args.ema_decay)
             if self.ema_prompts is not None:
@@ -566,8 +559,7 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_prompt: torch.Tensor) -> torch.Tensor:
-        """Actions for a batch of states of one task (task_prompt: (1, prompt_dim)), as Diffusion-QL picks them:
-        `eval_candidates` actions sampled per state, one drawn by softmax over the target critics' min Q."""
+        """Actions for states of one task, as Diffusion-QL picks them: one of `eval_candidates` by softmax over min Q."""
         n_candidates = self.args.eval_candidates if self.critic is not None else 1
         obs_repeated = obs.repeat_interleave(n_candidates, dim=0)
         task_idx = torch.zeros(len(obs_repeated), dtype=torch.long, device=obs.device)
@@ -594,9 +586,8 @@ class Agent(nn.Module):
 
 # ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
 def cuda_graph(function, warmup_calls: int = 3):
-    """`function` run `warmup_calls` times on a side stream (as torch.cuda.graph asks), then recorded once as a CUDA
-    graph and replayed: one launch for the step's many small kernels. Each call's tensors are copied into the recorded
-    inputs; the graph redraws its random numbers at every replay."""
+    """`function` warmed up on a side stream, recorded once as a CUDA graph, then replayed (one launch for the step's
+    many small kernels) on each call's inputs, copied in. Each replay draws new random numbers."""
     graph, recorded, calls = torch.cuda.CUDAGraph(), {}, [0]
 
     def replay(*inputs):
@@ -654,8 +645,8 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 def parse_args() -> tuple:
-    """The command line's Args and, with --resume or --eval-only, the checkpoint. Those modes run with the checkpoint's
-    arguments as the defaults; a flag outside their allow-list that changes one would be ignored, so it is refused."""
+    """Args and, with --resume or --eval-only, the checkpoint, whose arguments are then the defaults: a flag outside
+    the mode's allow-list that changes one is refused."""
     args = tyro.cli(Args)
     for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
                  "log_every"):
@@ -701,8 +692,7 @@ GOAL = slice(36, 39)  # the goal position in an observation
 N_VARIATIONS, VARIATIONS_SEED = 50, 0  # `reach@17` is variation 17 of metaworld.MT1("reach-v3", seed=0) in every run
 
 def check_args(args: Args) -> None:
-    """Task names as Meta-World spells them (reach-v3) or without the version, `@k` for variation k; each task either
-    seen or unseen."""
+    """Task names with or without Meta-World's -v3, `@k` for variation k; each task seen or unseen, not both."""
     args.train_tasks, args.test_tasks = (tuple(re.sub(r"-v3(?=@|$)", "", task) for task in tasks)
                                          for tasks in (args.train_tasks, args.test_tasks))
     tasks = args.train_tasks + args.test_tasks
@@ -732,8 +722,8 @@ def mt1_benchmark(name: str, seed: int):
     return metaworld.MT1(f"{name}-v3", seed=seed)
 
 def task_variations(task: str, seed: int) -> tuple:
-    """The environment class of `task` and the variations (object and goal positions) its episodes cycle through: all
-    50 of its MT1 benchmark seeded by `seed`, or for `reach@17` variation 17 of the one seeded by VARIATIONS_SEED."""
+    """The environment class and the variations (object and goal positions) of `task`: all 50 of its MT1 benchmark, or
+    for `reach@17` variation 17 of the one seeded by VARIATIONS_SEED."""
     name, at, variation = task.partition("@")
     benchmark = mt1_benchmark(name, VARIATIONS_SEED if at else seed)
     variations = benchmark.train_tasks[int(variation):int(variation) + 1] if at else benchmark.train_tasks
@@ -760,8 +750,7 @@ def agent_view(obs: np.ndarray, hide_goal: bool) -> np.ndarray:
 
 def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, max_steps: int, hide_goal: bool,
                      first_id: int, desc: str):
-    """Roll out the scripted policy with action noise. The policy sees the goal (MT1 setting); the episodes keep
-    the observations as the agent sees them."""
+    """Rollouts of the scripted policy (which sees the goal) with action noise, stored as the agent sees them."""
     env, scripted = make_env(task, seed, max_steps), ENV_POLICY_MAP[f"{task.partition('@')[0]}-v3"]()
     rng, episodes = np.random.default_rng(seed), []
     for episode_id in tqdm(range(first_id, first_id + n_episodes), desc=desc, leave=False):
@@ -779,8 +768,7 @@ def collect_episodes(task: str, noise_std: float, n_episodes: int, seed: int, ma
     return env, episodes
 
 def load_or_collect(dataset_id: str, config: dict, task: str, noise_levels, episodes_per_level: int, seed: int):
-    """The Minari dataset `dataset_id`, collected first if absent. A dataset made with other settings is never
-    overwritten: the run stops and says how to proceed. Runs started together collect each dataset once."""
+    """The Minari dataset `dataset_id`, collected once if absent; one made with other settings is never overwritten."""
     description = json.dumps(config, sort_keys=True)
     os.makedirs(get_dataset_path(), exist_ok=True)
     with open(os.path.join(get_dataset_path(), "." + dataset_id.replace("/", "--") + ".lock"), "w") as lock:
@@ -818,8 +806,7 @@ def task_episodes(task: str, role: str, args: Args) -> list:
     return list(dataset.iterate_episodes())
 
 def load_data(args: Args, checkpoint: Optional[dict], device: torch.device) -> tuple[dict, Optional[dict]]:
-    """The trajectory prompt of every task and, when training, the seen tasks' transitions as tensors on `device`,
-    with the task index of each."""
+    """The trajectory prompt of every task and, when training, the seen tasks' transitions (with task_idx) on `device`."""
     kept = checkpoint["task_trajectories"] if args.eval_only else {}
     trajectories = {task: kept[task] if task in kept else trajectory_prompt(
         (episode := task_episodes(task, "prompt", args)[0]).observations, episode.actions, args.traj_prompt_len)
@@ -867,9 +854,8 @@ def evaluation_envs(task: str, n_envs: int, seed: int) -> tuple:
     return gym.vector.SyncVectorEnv([functools.partial(EvaluationEnv, env_class, i) for i in range(n_envs)]), variations
 
 def run_episodes(task: str, policy_fn, n_episodes: int, seed: int, max_steps: int, n_parallel: int) -> dict:
-    """Episode i runs variation i of the task's MT1 benchmark (`reach@17`: 17 always), so every evaluation sees the
-    same episodes.
-    `policy_fn` maps (n, obs_dim) states to (n, act_dim) actions; `n_parallel` episodes share each call."""
+    """Episode i runs the task's variation i, so every evaluation sees the same episodes; `n_parallel` episodes share
+    each `policy_fn` call, (n, obs_dim) states -> (n, act_dim) actions."""
     if n_episodes % n_parallel:
         raise ValueError(f"{n_episodes} episodes cannot be run {n_parallel} at a time")
     envs, variations = evaluation_envs(task, n_parallel, 10_000_000 + seed)
@@ -901,8 +887,7 @@ def run_name(args: Args) -> str:
 # ========================= TRAINING LOOP (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task_trajectories: dict,
                  device: torch.device, writer=None, step: int = 0) -> dict:
-    """Every task of `splits` ({task: 'seen' or 'unseen'}). Evaluation draws from its own copy of the RNG state, so
-    that training (and a resumed run) does not depend on when or how often it evaluates."""
+    """Every task of `splits` ({task: 'seen' or 'unseen'}), on a copy of the RNG state: training never depends on it."""
     results = {}
     for task, split in splits.items():
         start = time.time()
@@ -934,8 +919,7 @@ def print_table(results: dict) -> None:
             print(f"{split + ' mean':<36}{np.mean(values):>22.2f}")
 
 def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
-    """The first step and the run folder: a new run's, or the resumed checkpoint's, after checking that resuming it
-    there trains something and overwrites nothing a user would want to keep."""
+    """The first step and the run folder: a new one, or the resumed checkpoint's, where resuming must overwrite nothing."""
     if checkpoint is None:
         run_dir = os.path.join("runs", run_name(args))
         if os.path.exists(run_dir):
@@ -980,16 +964,15 @@ def main() -> dict:
     missing = [task for task in splits if task not in task_llm_features]
     if not args.text_prompt:  # w/o-z_text
         task_llm_features.update({task: torch.zeros(0) for task in missing})
-        print("text prompts: none, 0 LLM forward passes (--no-text-prompt)", flush=True)
-    else:
-        if missing:
-            features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
-                                                     args.embedding_cache_dir, device, args.llm_dtype)
-            task_llm_features.update(zip(missing, features))
-        print(f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward "
-              f"passes ({len(missing) - llm_passes} from cache) in {time.time() - start:.1f}s, "
-              f"{len(splits) - len(missing)} from the checkpoint", flush=True)
+    elif missing:
+        features, llm_passes = llm_text_features([build_text_prompt(task, args) for task in missing], args.llm,
+                                                 args.embedding_cache_dir, device, args.llm_dtype)
+        task_llm_features.update(zip(missing, features))
     llm_seconds = time.time() - start
+    print("text prompts: none, 0 LLM forward passes (--no-text-prompt)" if not args.text_prompt else
+          f"text prompts: {len(missing)} embedded with {args.llm} ({args.llm_dtype}), {llm_passes} LLM forward passes "
+          f"({len(missing) - llm_passes} from cache) in {llm_seconds:.1f}s, {len(splits) - len(missing)} from the "
+          "checkpoint", flush=True)
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
