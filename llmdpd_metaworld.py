@@ -232,9 +232,11 @@ def llm_files_fingerprint(source: str) -> str:
     return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`."""
-    torch.save(obj, f"{path}.{os.getpid()}.tmp")
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`,
+    and runs writing the same file at once do not mix their bytes."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
 
 @torch.no_grad()
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
@@ -368,8 +370,8 @@ class NoiseMLP(nn.Module):
     def forward(self, noisy_action: torch.Tensor, step_embedding: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """step_embedding: emb(k) = time_mlp(k) of each sample (B, time_dim), or one row that the batch shares."""
         action_step = torch.cat([noisy_action, step_embedding.expand(len(noisy_action), -1)], dim=-1)
-        weight = self.first_layer.weight[:, :self.split[0]]
-        return self.body(F.linear(action_step, weight, self.first_layer.bias) + condition)
+        w_action_step = self.first_layer.weight.split(self.split, dim=1)[0]
+        return self.body(F.linear(action_step, w_action_step, self.first_layer.bias) + condition)
 
 # ---- DDPM over actions (Eq. 4-5), with Diffusion-QL's variance-preserving schedule.
 def vp_beta_schedule(n_timesteps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> torch.Tensor:
@@ -517,8 +519,8 @@ class Agent(nn.Module):
                 if self.ema_prompts is None:
                     self.ema_prompts = self.policy_ema.encode_prompts(llm_features, trajectories)
                 ema_diffusion = self.policy_ema.diffusion
-                next_actions = ema_diffusion.sample(ema_diffusion.noise_mlp.condition(batch["next_obs"],
-                                                                                      self.ema_prompts, task_idx))
+                ema_condition = ema_diffusion.noise_mlp.condition(batch["next_obs"], self.ema_prompts, task_idx)
+                next_actions = ema_diffusion.sample(ema_condition)
                 target_q = torch.min(*self.critic_target(batch["next_obs"], next_actions, critic_prompts, task_idx))
                 target_q = batch["rewards"] + batch["not_done"] * args.gamma * target_q
             q1, q2 = self.critic(obs, actions, critic_prompts, task_idx)

@@ -1,10 +1,7 @@
 """Unit tests of the algorithm core (the text shared by both scripts)."""
 import dataclasses
-import io
-import math
 import os
 import random
-import warnings
 
 import numpy as np
 import pytest
@@ -298,7 +295,6 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     losses = agent.update(batch, llm_features, trajectories)
     vars(agent.policy.diffusion).pop("sample", None)
     assert torch.isfinite(losses).all()
-    prompted = agent.args.text_prompt or agent.args.traj_prompt
     assert agent.critic.q1.split[1] == (agent.policy.prompt_dim if agent.args.critic_prompt else 0)
     assert agent.policy.prompt_dim == 8 * (int(agent.args.text_prompt) + int(agent.args.traj_prompt))
     changed = {name.split(".")[0] for name, p in agent.policy.named_parameters() if not torch.equal(p, before[name])}
