@@ -67,6 +67,7 @@ class Args:
     max_episode_steps: int = 500  # episode length of data, prompts and evaluation (Meta-World's own limit is 500)
     data_seed: int = 0  # seed of data collection, apart from `seed` so that all training seeds share one dataset
     hide_goal: bool = False  # zero the goal (obs[36:39]) wherever the agent sees an observation, as ML1/ML45 do
+    goal_in_text: bool = False  # state a variation task's goal (`reach@17`) in its text prompt: goals given in words
     dataset_dir: Optional[str] = None  # Minari datasets folder (default: $MINARI_DATASETS_PATH, ~/.minari/datasets)
 
     # Prompts (Eq. 1-3)
@@ -179,14 +180,15 @@ METAWORLD_TASKS = {
 }
 
 def build_text_prompt(task: str, args: Args) -> str:
-    """The LLM input of Eq. 1: the paper's instruction, then the task's structured description (one for all its goals)."""
+    """The LLM input of Eq. 1: the paper's instruction, then the task's structured description; one for all the goals
+    of a task, unless --goal-in-text states the goal of a variation task."""
     name = task.partition("@")[0]
     objective, objects, randomised, success = METAWORLD_TASKS[name]
     goal = "three zeros where the goal position would be" if args.hide_goal else "the goal position"
     return (
         f"{LLM_INSTRUCTION}\n"
         f"Task: Meta-World {name}.\n"
-        f"Objective: {objective}\n"
+        f"Objective: {objective}{' ' + goal_in_words(task) if args.goal_in_text else ''}\n"
         f"Constraints: Randomize {randomised}. Episodes last {args.max_episode_steps} steps.\n"
         f"Success condition: {success}.\n"
         f"Objects: Sawyer robot arm with a two-finger gripper; {objects}.\n"
@@ -194,6 +196,18 @@ def build_text_prompt(task: str, args: Args) -> str:
         "Observations: 39 numbers: hand position, gripper opening, object positions and orientations, "
         f"the previous frame of these, and {goal}."
     )
+
+def goal_in_words(task: str) -> str:
+    """--goal-in-text: where variation task `reach@17` puts its goal, in coarse words (where it lies in the region the
+    task draws goals from: x to the robot's right, y away from it, z up) and in metres."""
+    env_class, (variation,) = task_variations(task, VARIATIONS_SEED)
+    env = env_class()
+    env.set_task(variation)
+    goal, low, high = env.reset()[0][GOAL], env.goal_space.low, env.goal_space.high
+    fraction = np.clip((goal - low) / np.maximum(high - low, 1e-6), 0, 0.999)
+    words = (("far left", "left", "centre", "right", "far right")[int(fraction[0] * 5)],
+             ("near", "middle distance", "far")[int(fraction[1] * 3)], ("low", "middle height", "high")[int(fraction[2] * 3)])
+    return f"The goal is {', '.join(words)}: x = {goal[0]:.2f}, y = {goal[1]:.2f}, z = {goal[2]:.2f} metres."
 
 # ========================= ALGORITHM CORE (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 # ---- Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). The frozen LLM M runs once per distinct prompt; its
@@ -704,6 +718,9 @@ def check_args(args: Args) -> None:
                  f"@k for one variation, k in [0, {N_VARIATIONS})):\n  " + " ".join(sorted(METAWORLD_TASKS)))
     if not args.train_tasks:
         sys.exit("error: --train-tasks is empty: name at least one seen task")
+    if args.goal_in_text and (plain := [task for task in tasks if "@" not in task]):
+        sys.exit(f"error: --goal-in-text states the goal of a variation task (reach@17), but {plain} draw a new goal "
+                 "every episode, so no one goal can be stated: name variations, such as reach@0 reach@1")
     if named_twice := sorted({task for task in tasks if tasks.count(task) > 1}):
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
                  "as seen or as unseen")
