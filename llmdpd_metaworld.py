@@ -15,6 +15,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -201,8 +202,7 @@ def goal_in_words(task: str) -> str:
     return f"The goal is {', '.join(words)}: x = {goal[0]:.2f}, y = {goal[1]:.2f}, z = {goal[2]:.2f} metres."
 
 # ========================= ALGORITHM (the same text in llmdpd_metaworld.py and llmdpd_d4rl.py) ===========
-# The method in the paper's order. The machinery it calls (loading the LLM, the embedding cache, checkpoints, the
-# arguments of --resume, the opt-in speed code) is at the end of the file.
+# The method in the paper's order; the machinery around it (LLM files, caches, checkpoints, speed) ends the file.
 # ---- Diffusion-QL's building block: Linear-Mish layers
 class Mish(nn.Module):
     """Diffusion-QL's activation: torch's own kernel on CUDA, MishCPU on the CPU, where torch's kernel is slow."""
@@ -337,9 +337,7 @@ class Diffusion(nn.Module):
         predicted_noise = self.noise_mlp(noisy_action, step_embedding, condition)
         x0 = self.predict_start_from_noise(noisy_action, step, predicted_noise)
         mean = self.posterior_mean_coef1[step] * x0 + self.posterior_mean_coef2[step] * noisy_action
-        if step == 0:
-            return mean
-        return mean + self.posterior_std[step] * torch.randn_like(noisy_action)
+        return mean if step == 0 else mean + self.posterior_std[step] * torch.randn_like(noisy_action)
 
     def sample(self, condition: torch.Tensor) -> torch.Tensor:
         """The reverse chain from a^K ~ N(0, I); differentiable (Eq. 8's Q-term backpropagates through it)."""
@@ -706,7 +704,7 @@ def evaluate_all(agent: Agent, args, splits: dict, task_llm_features: dict, task
                  device: torch.device, writer=None, step: int = 0) -> dict:
     """Every task of `splits` ({task: 'seen' or 'unseen'}), in eval mode and on a copy of the RNG state."""
     results = {}
-    agent.eval()
+    agent.eval()  # for a variant's dropout; attention computed as in training (see main)
     for task, split in splits.items():
         start = time.time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -768,6 +766,7 @@ def main() -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    torch.backends.mha.set_fastpath_enabled(False)  # eval mode's fused attention would round otherwise than training
     check_speed_flags(args, device)
     if args.llm_dtype == "auto":  # saved as the dtype it stood for, so that --eval-only embeds new tasks alike anywhere
         args.llm_dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -792,11 +791,9 @@ def main() -> dict:
 
     # Trajectory prompts (Eq. 2) and offline data. A resumed run reads them again: they must be the run's own
     task_trajectories, replay = load_data(args, checkpoint, device)
-    if args.resume:
-        differ = [t for t in seen if not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]
-        if differ:
-            sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is "
-                     "not the data it was trained on. Resume with its own data, or start a new run")
+    if differ := [t for t in seen if args.resume and not torch.equal(task_trajectories[t], checkpoint["task_trajectories"][t])]:
+        sys.exit(f"error: the trajectory prompts of {differ} read from the data differ from this run's, so this is not "
+                 "the data it was trained on. Resume with its own data, or start a new run")
 
     agent = Agent(*env_dims(args), torch.stack([task_llm_features[t] for t in trained_on]), args, device)
     if checkpoint:
@@ -821,25 +818,27 @@ def main() -> dict:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_scalar("charts/llm_forward_passes", llm_passes, start_step)
 
-    # Algorithm 1: each step draws a batch of the seen tasks' transitions (line 2), updates the critics by Eq. 6, then the
-    # policy and both prompt encoders by Eq. 8 (lines 3-10); Diffusion-QL's EMA target policy follows
+    # Algorithm 1: each step draws a batch of the seen tasks' transitions (lines 2-4), embeds the prompts (line 6),
+    # updates the critics by Eq. 6 (lines 7-8), then the policy and both prompt encoders by Eq. 8 (lines 9-12)
     llm_features = torch.stack([task_llm_features[t] for t in seen]).to(device)
     trajectories = torch.stack([task_trajectories[t] for t in seen]).to(device)
     update = torch.compile(agent.update) if args.compile else agent.update
     update = cuda_graph(update) if args.cudagraphs else update
-    checkpoint_path, losses, paused_seconds, start = os.path.join(run_dir, "checkpoint.pt"), [], 0.0, time.time()
+    checkpoint_path, losses, sps, paused_seconds = os.path.join(run_dir, "checkpoint.pt"), [], 0.0, 0.0
+    train_start = time.time()
     for step in range(start_step, args.total_steps):
         batch = sample_batch(replay, args, agent.python_rng)
         losses.append(update(batch, llm_features, trajectories))
-        agent.update_ema(step)
+        agent.update_ema(step)  # Diffusion-QL's target policy
 
         # Logging, evaluation and checkpoints (the last one after the final evaluation: always a finished run's)
         done = step + 1
         evaluate_now = args.eval_every > 0 and done % args.eval_every == 0 and done < args.total_steps
         save_now = args.save_every > 0 and done % args.save_every == 0 and done < args.total_steps
         if done % args.log_every == 0 or done == args.total_steps or evaluate_now or save_now:
-            sps = (done - start_step) / (time.time() - start - paused_seconds)
-            log_losses(writer, torch.stack(losses).cpu(), done, sps, args)  # the loop's one host sync
+            window = torch.stack(losses).cpu()  # the one host sync; losses are NaN-checked before any checkpoint
+            sps = (done - start_step) / (time.time() - train_start - paused_seconds)
+            log_losses(writer, window, done, sps, args)
             losses = []
         pause = time.time()
         if evaluate_now:  # before the checkpoint: a run stopped mid-evaluation redoes it when resumed
@@ -867,7 +866,7 @@ def log_losses(writer, losses: torch.Tensor, step: int, sps: float, args) -> Non
         row, column = map(int, bad.nonzero()[0])
         sys.exit(f"error: non-finite {LOSS_NAMES[column]} = {losses[row, column].item()} at step {step - len(losses) + row}"
                  ". Lower the learning rates or --eta, or set --grad-norm; the last good checkpoint (if any) is kept.")
-    for name, value in zip(LOSS_NAMES, losses.mean(0)):
+    for name, value in zip(LOSS_NAMES, losses.mean(0), strict=True):
         writer.add_scalar(f"losses/{name}", value.item(), step)
     writer.add_scalar("charts/SPS", sps, step)
     if step % (args.log_every * 10) == 0 or step == args.total_steps:
@@ -915,9 +914,11 @@ def save_atomic(obj, path: str) -> None:
     os.replace(temporary, path)
 
 def llm_text_features(prompts: list[str], llm: str, cache_dir: str, device: torch.device, dtype: str):
-    """(llm_embedding of each prompt, LLM passes), cached on disk under all that changes it: model, files, dtype, device."""
+    """(llm_embedding of each prompt, LLM passes), cached on disk under all that changes them: the model (a local folder
+    by its real path, however it is named), its files, llm_embedding's code (a variant's pooling misses), dtype, device."""
     source, kwargs = resolve_llm(llm)
-    cache_dir, name = os.path.expanduser(cache_dir), os.path.realpath(source) if os.path.isdir(source) else source
+    cache_dir = os.path.expanduser(cache_dir)
+    name = f"{os.path.realpath(source) if os.path.isdir(source) else source}\0{inspect.getsource(llm_embedding)}"
 
     def cache_paths() -> dict:
         key = f"{name}\0{llm_files_fingerprint(source)}\0{dtype}\0{device.type}\0{torch.get_float32_matmul_precision()}"
@@ -960,9 +961,9 @@ def restore_training_state(agent: Agent, checkpoint: dict, device: torch.device)
             optimizer.load_state_dict(state)
             for group in optimizer.param_groups:  # where this run runs, not where the checkpoint's did
                 group["capturable"] = agent.args.cudagraphs
+        agent.python_rng.setstate(checkpoint["agent"]["python_rng"])
     except (RuntimeError, KeyError, ValueError) as error:
         sys.exit(f"error: the checkpoint does not match this model: {error}")
-    agent.python_rng.setstate(checkpoint["agent"]["python_rng"])
     torch.set_rng_state(checkpoint["torch_rng"])
     if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])

@@ -101,6 +101,8 @@ def main():
     parser.add_argument("--runs", nargs="+", default=["runs"], help="folders of run directories (OUT/logs is read too)")
     parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
+    parser.add_argument("--last", type=int, default=3, help="tables of many tasks also give each split's success "
+                        "averaged over each run's last LAST evaluations (one evaluation is noisy), and every seed's")
     options = parser.parse_args()
     archive = os.path.join(options.out, "logs")
     run_dirs = collections.defaultdict(list)  # run name -> the folders that hold it, those of --runs first
@@ -169,6 +171,9 @@ def main():
         tags = ((["eval/seen_return", "eval/unseen_return"] if many_tasks else task_tags)
                 + ["eval/seen_mean", "eval/unseen_mean"]) if metaworld else ["eval/seen_mean"]
         header = ["variant", "seeds", "steps"] + [t.split("/")[-1] if metaworld else "normalized_score" for t in tags]
+        if many_tasks:  # success averaged over the last evaluations, then the final and that average of every seed
+            header += [f"{split}_mean, last {options.last} evals" for split in ("seen", "unseen")] + [
+                f"unseen_mean per seed (last {options.last} evals)"]
         lines += [f"### {env}", ""]
         if env in partial_envs:
             lines += ["Partial: some runs are still going; every run is shown at the last step all of them have "
@@ -183,6 +188,12 @@ def main():
                 rate = metaworld and not tag.endswith("_return")
                 finals = [100 * s[tag][-1][1] if rate else s[tag][-1][1] for _, s in runs if tag in s]
                 cells.append(seeds_cell(finals, 1 if rate or not metaworld else 0))
+            if many_tasks:
+                last = {tag: [100 * np.mean([v for _, v in s[tag][-options.last:]]) for _, s in runs]
+                        for tag in ("eval/seen_mean", "eval/unseen_mean")}
+                cells += [seeds_cell(last["eval/seen_mean"], 1), seeds_cell(last["eval/unseen_mean"], 1), ", ".join(
+                    f"{100 * s['eval/unseen_mean'][-1][1]:.0f} ({average:.0f})" for (_, s), average in
+                    zip(runs, last["eval/unseen_mean"]))]
             lines.append("| " + " | ".join(cells) + " |")
             for axis, curve_tag in zip(axes[0], curve_tags):
                 curves = [dict(s[curve_tag]) for _, s in runs if curve_tag in s]

@@ -310,6 +310,19 @@ def test_update_runs_and_trains_both_prompt_encoders(metaworld_script, flags):
     assert action.shape == (4, 2) and action.abs().max() <= 1
 
 
+def test_eval_mode_embeds_prompts_bit_for_bit_as_training_mode(metaworld_script, monkeypatch):
+    """Evaluation runs in eval mode (for a variant's dropout). main turns off torch's fused attention of eval mode,
+    which rounds otherwise, so evaluation sees the prompt embeddings that training computes, bit for bit."""
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)  # as main's set_fastpath_enabled
+    torch.manual_seed(0)
+    agent, llm_features, trajectories = make_agent(metaworld_script)
+    with torch.no_grad():
+        trained = agent.policy.encode_prompts(llm_features, trajectories)
+        agent.eval()
+        evaluated = agent.policy.encode_prompts(llm_features, trajectories)
+    assert torch.equal(trained, evaluated)
+
+
 def test_each_prompt_embedding_reads_its_own_prompt(metaworld_script):
     """concat[z_text, z_tau]: z_text depends on the LLM features only, z_tau on the trajectory only."""
     agent, llm_features, trajectories = make_agent(metaworld_script)

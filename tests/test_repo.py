@@ -108,13 +108,14 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
             writer.add_scalar(f"eval/success_rate/{task}", 0.5, step)
             writer.add_scalar(f"eval/mean_return/{task}", 100.0 if task in seen else 10.0 * step / 1000, step)
         writer.add_scalar("eval/seen_mean", 0.5, step)
-        writer.add_scalar("eval/unseen_mean", 0.25, step)
+        writer.add_scalar("eval/unseen_mean", 0.25 if step == 2000 else 0.15, step)
     writer.close()
     result = collect("results")
     table = (tmp_path / "results" / "results.md").read_text()
     assert "### metaworld-ML1-reach-11-2\n" in table and table.count("### metaworld\n") == 1
-    assert "| variant | seeds | steps | seen_return | unseen_return | seen_mean | unseen_mean |" in table
-    assert "| ml1 | 1 | 2000 | 100 | 20 | 50.0 | 25.0 |" in table
+    assert ("| variant | seeds | steps | seen_return | unseen_return | seen_mean | unseen_mean | seen_mean, last 3 evals "
+            "| unseen_mean, last 3 evals | unseen_mean per seed (last 3 evals) |") in table
+    assert "| ml1 | 1 | 2000 | 100 | 20 | 50.0 | 25.0 | 50.0 | 20.0 | 25 (20) |" in table
     assert (tmp_path / "results" / "metaworld-ML1-reach-11-2_success_rate.png").stat().st_size > 0
 
 
