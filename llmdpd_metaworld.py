@@ -59,16 +59,17 @@ class Args:
     wandb_project_name: str = "llmdpd"  # the wandb's project name
     wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
 
-    # Tasks and offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets)
-    train_tasks: tuple[str, ...] = ("sweep-into", "coffee-push", "disassemble")
+    # Tasks and offline data (scripted Meta-World policies + Gaussian action noise, stored as Minari datasets). By
+    # default the goals of reach are the tasks, hidden from the agent and given in words: 40 seen, 10 unseen
+    train_tasks: tuple[str, ...] = tuple(f"reach@{k}" for k in range(40))
     """seen tasks, whose data and prompts train the agent; `reach@17`: variation 17 (goal, objects) of MT1 reach"""
-    test_tasks: tuple[str, ...] = ("box-close", "hand-insert", "bin-picking")  # unseen tasks: only their prompts
+    test_tasks: tuple[str, ...] = tuple(f"reach@{k}" for k in range(40, 50))  # unseen tasks: only their prompts
     noise_levels: tuple[float, ...] = (0.1, 0.3, 0.5)  # action-noise std of the scripted policy, one per level
-    episodes_per_level: int = 30  # episodes collected per seen task and noise level
-    max_episode_steps: int = 500  # episode length of data, prompts and evaluation (Meta-World's own limit is 500)
+    episodes_per_level: int = 5  # episodes collected per seen task and noise level
+    max_episode_steps: int = 200  # episode length of data, prompts and evaluation (Meta-World's own limit is 500)
     data_seed: int = 0  # seed of data collection, apart from `seed` so that all training seeds share one dataset
-    hide_goal: bool = False  # zero the goal (obs[36:39]) wherever the agent sees an observation, as ML1/ML45 do
-    goal_in_text: bool = False  # state a variation task's goal (`reach@17`) in its text prompt: goals given in words
+    hide_goal: bool = True  # zero the goal (obs[36:39]) wherever the agent sees an observation, as ML1/ML45 do
+    goal_in_text: bool = True  # state a variation task's goal (`reach@17`) in its text prompt: goals given in words
     dataset_dir: Optional[str] = None  # Minari datasets folder (default: $MINARI_DATASETS_PATH, ~/.minari/datasets)
 
     # Prompts (Eq. 1-3)
@@ -90,7 +91,7 @@ class Args:
     n_timesteps: int = 5  # diffusion steps K (Diffusion-QL's VP schedule)
     hidden_dim: int = 256  # width of the noise MLP and the critics
     clip_denoised: bool = True  # clip the predicted clean action at every reverse step (Diffusion-QL)
-    total_steps: int = 20_000  # gradient steps
+    total_steps: int = 10_000  # gradient steps
     batch_size: int = 256  # transitions per gradient step, mixed over the seen tasks
     single_task_batches: bool = False  # one random task per batch, as Algorithm 1 writes it (default: mixed)
     actor_lr: float = 3e-4  # learning rate of the policy and both prompt encoders
@@ -107,7 +108,7 @@ class Args:
 
     # Evaluation, logging, checkpoints
     eval_every: int = 5000  # evaluate every this many gradient steps (0: only at the end)
-    eval_episodes: int = 10  # evaluation episodes per task, all stepped together through one batched policy call
+    eval_episodes: int = 5  # evaluation episodes per task, all stepped together through one batched policy call
     eval_candidates: int = 50  # actions sampled per state at evaluation, one drawn by softmax over min Q
     log_every: int = 100  # log losses every this many steps
     save_every: int = 0  # write runs/{run_name}/checkpoint.pt every this many steps, for `--resume` (0: off)
@@ -515,7 +516,8 @@ def check_args(args: Args) -> None:
         sys.exit("error: --train-tasks is empty: name at least one seen task")
     if args.goal_in_text and (plain := [task for task in tasks if "@" not in task]):
         sys.exit(f"error: --goal-in-text states the goal of a variation task (reach@17), but {plain} draw a new goal "
-                 "every episode, so no one goal can be stated: name variations, such as reach@0 reach@1")
+                 "every episode, so no one goal can be stated: name variations (reach@0 reach@1), or pass "
+                 "--no-goal-in-text")
     if named_twice := sorted({task for task in tasks if tasks.count(task) > 1}):
         sys.exit(f"error: task(s) {named_twice} named twice in --train-tasks and --test-tasks: name each task once, "
                  "as seen or as unseen")

@@ -2,7 +2,7 @@
 `llmdpd_metaworld.py` collects, evaluated on the same MT1 task variations. A data recipe that this probe cannot
 clone will not teach a diffusion policy either; it says nothing about LLMDPD itself.
 
-    python benchmark/bc_probe.py                                            # the script's default data recipe
+    python benchmark/bc_probe.py                                 # the paper's 3 seen tasks, 30 episodes per level
     python benchmark/bc_probe.py --noise-levels 0.1 0.5 1.0 --episodes-per-level 10 --dataset-dir /tmp/old-recipe
 
 Datasets are collected (and stored as Minari datasets, as the script does) if absent.
@@ -23,10 +23,10 @@ import llmdpd_metaworld as script  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = script.Args()
-    parser.add_argument("--train-tasks", nargs="+", default=list(defaults.train_tasks))
-    parser.add_argument("--noise-levels", nargs="+", type=float, default=list(defaults.noise_levels))
-    parser.add_argument("--episodes-per-level", type=int, default=defaults.episodes_per_level)
+    parser.add_argument("--train-tasks", nargs="+", default=["sweep-into", "coffee-push", "disassemble"])
+    parser.add_argument("--noise-levels", nargs="+", type=float, default=list(script.Args.noise_levels))
+    parser.add_argument("--episodes-per-level", type=int, default=30)
+    parser.add_argument("--max-episode-steps", type=int, default=500)
     parser.add_argument("--dataset-dir", default=None, help="where the Minari datasets live (default: Minari's)")
     parser.add_argument("--steps", type=int, default=10_000, help="gradient steps, batch 256, Adam 3e-4")
     parser.add_argument("--eval-episodes", type=int, default=10)
@@ -39,7 +39,8 @@ def main():
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     args = script.Args(train_tasks=tuple(options.train_tasks), noise_levels=tuple(options.noise_levels),
-                       episodes_per_level=options.episodes_per_level, seed=options.seed)
+                       episodes_per_level=options.episodes_per_level, max_episode_steps=options.max_episode_steps,
+                       hide_goal=False, goal_in_text=False, seed=options.seed)  # the goal visible, as the MLP sees it
     n_tasks, observations, actions = len(args.train_tasks), [], []
     for task_idx, task in enumerate(args.train_tasks):
         for episode in script.task_episodes(task, "train", args):

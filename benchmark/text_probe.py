@@ -10,6 +10,12 @@ chosen by leave-one-out on the seen goals only) is fitted from the features of t
 first ones) to their goal positions, and tested on the others: held-out R^2 per axis, the error in cm, and how many
 unseen goals it places within 5 cm (reach's success radius). Phrasing `none` leaves the goal out (the control: every
 prompt is the same, so R^2 is at most 0). The script's `goal_in_words` is the phrasing named `script`.
+
+    python benchmark/text_probe.py --random-init /tmp/smollm2-random   # what pretraining adds: the same model, random
+
+`--random-init DIR` saves `--llm`'s architecture and tokenizer with freshly initialised weights (seed 0) in DIR and
+probes that: what the prompt's tokens carry without any pretraining. DIR is a model folder that
+`llmdpd_metaworld.py --llm DIR` takes too, for the same control on the policy.
 """
 import argparse
 import importlib.util
@@ -78,16 +84,25 @@ def main():
     parser.add_argument("--no-hide-goal", action="store_true", help="the Observations line as without --hide-goal")
     parser.add_argument("--embedding-cache-dir", default=script.Args.embedding_cache_dir)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--random-init", metavar="DIR", help="probe --llm's architecture with random weights, saved in DIR")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
+    if options.random_init:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        source, kwargs = script.resolve_llm(options.llm)
+        torch.manual_seed(0)
+        AutoModel.from_config(AutoConfig.from_pretrained(source, **kwargs)).save_pretrained(options.random_init)
+        AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(options.random_init)
+        options.llm = options.random_init
     tasks = [f"{options.task}@{k}" for k in range(script.N_VARIATIONS)]
     seen, unseen = slice(0, options.n_seen), slice(options.n_seen, None)
     goals = {task: goal_and_region(task) for task in tasks}
     positions = np.array([goals[task][0] for task in tasks], dtype=np.float64)
     args = script.Args(goal_in_text=True, hide_goal=not options.no_hide_goal)
     print(f"{options.task}: {options.n_seen} seen -> {len(tasks) - options.n_seen} unseen goals, LLM {options.llm}\n")
-    print(f"{'phrasing':<13}{'R^2 x':>8}{'R^2 y':>8}{'R^2 z':>8}{'error cm':>10}{'within 5 cm':>13}{'alpha':>9}"
+    print(f"{'phrasing':<19}{'R^2 x':>8}{'R^2 y':>8}{'R^2 z':>8}{'error cm':>10}{'within 5 cm':>13}{'alpha':>9}"
           f"{'   10-fold R^2 x/y/z':>22}{'cm':>6}{'<5cm':>7}   example")
     for name in options.phrasings:
         phrase = PHRASINGS[name]
@@ -118,7 +133,7 @@ def main():
             pooled[fold] = ridge_probe(features[train], positions[train], features[fold])[0]
         pooled_cm = 100 * np.linalg.norm(pooled - positions, axis=1)
         example = script.goal_in_words(tasks[0])
-        print(f"{name:<13}" + "".join(f"{value:>8.2f}" for value in r2(predicted, positions[unseen]))
+        print(f"{name:<19}" + "".join(f"{value:>8.2f}" for value in r2(predicted, positions[unseen]))
               + f"{np.median(errors_cm):>10.1f}{f'{(errors_cm < 5).sum()}/{len(errors_cm)}':>13}{alpha:>9.0e}"
               + f"{' / '.join(f'{v:.2f}' for v in r2(pooled, positions)):>22}{np.median(pooled_cm):>6.1f}"
               + f"{f'{(pooled_cm < 5).sum()}/{len(tasks)}':>7}   {example[:70]!r} ({time.time() - start:.0f}s)",

@@ -109,14 +109,15 @@ def test_prompt_builder_covers_all_50_metaworld_tasks(metaworld_script):
 
     names = {name[: -len("-v3")] for name in metaworld.env_dict.ALL_V3_ENVIRONMENTS}
     assert len(names) == 50 and set(metaworld_script.METAWORLD_TASKS) == names
-    prompts = {task: metaworld_script.build_text_prompt(task, metaworld_script.Args()) for task in names}
+    args = metaworld_script.Args(goal_in_text=False, hide_goal=False, max_episode_steps=500)
+    prompts = {task: metaworld_script.build_text_prompt(task, args) for task in names}
     assert len(set(prompts.values())) == 50
     for task, prompt in prompts.items():
         assert prompt.startswith(metaworld_script.LLM_INSTRUCTION)
         for field in ("Task:", "Objective:", "Constraints:", "Success condition:", "Objects:"):
             assert field in prompt, (task, field)
         assert f"Meta-World {task}." in prompt
-    short = metaworld_script.build_text_prompt("reach", metaworld_script.Args(max_episode_steps=150))
+    short = metaworld_script.build_text_prompt("reach", metaworld_script.Args(goal_in_text=False, max_episode_steps=150))
     assert "Episodes last 150 steps." in short and "Episodes last 500 steps." in prompts["reach"]
 
 

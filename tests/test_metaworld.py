@@ -18,8 +18,8 @@ def tiny_flags(shared_dirs, *extra):
     return ["--train-tasks", "reach", "push", "--test-tasks", "door-lock", "--noise-levels", "0.1", "0.5",
             "--episodes-per-level", "1", "--max-episode-steps", "20", "--traj-prompt-len", "8", "--total-steps", "30",
             "--batch-size", "32", "--hidden-dim", "64", "--eval-episodes", "2", "--eval-candidates", "4", "--eval-every", "0",
-            "--log-every", "10", "--ema-start", "10", "--dataset-dir", shared_dirs["datasets"],
-            "--embedding-cache-dir", shared_dirs["cache"], *extra]
+            "--log-every", "10", "--ema-start", "10", "--no-hide-goal", "--no-goal-in-text",
+            "--dataset-dir", shared_dirs["datasets"], "--embedding-cache-dir", shared_dirs["cache"], *extra]
 
 
 def assert_finished(result):
@@ -277,8 +277,8 @@ def test_unknown_task_lists_valid_names(tmp_path):
 
 
 def test_a_task_both_seen_and_unseen_is_refused(tmp_path):
-    result = run_script(SCRIPT, "--train-tasks", "reach", "push", "--test-tasks", "push", cwd=tmp_path)
-    assert result.returncode != 0 and "error: task(s) ['push'] named twice" in result.stderr
+    result = run_script(SCRIPT, "--train-tasks", "reach@0", "reach@1", "--test-tasks", "reach@1", cwd=tmp_path)
+    assert result.returncode != 0 and "error: task(s) ['reach@1'] named twice" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
@@ -401,7 +401,8 @@ def test_no_text_prompt_never_touches_the_llm(shared_dirs, tmp_path):
 # ---- Goals as tasks (Prompt-DT's ML1 protocol): `reach@k` and --hide-goal
 def variation_args(metaworld_script, **overrides):
     settings = dict(train_tasks=("reach@0", "reach-v3@1"), test_tasks=("reach@2",), noise_levels=(0.1,),
-                    episodes_per_level=1, max_episode_steps=30, traj_prompt_len=8, eval_episodes=2, eval_candidates=1)
+                    episodes_per_level=1, max_episode_steps=30, traj_prompt_len=8, eval_episodes=2, eval_candidates=1,
+                    hide_goal=False, goal_in_text=False)
     args = metaworld_script.Args(**{**settings, **overrides})
     metaworld_script.check_args(args)
     return args

@@ -171,3 +171,17 @@ def test_forking_example_applies_and_trains(tmp_path):
             assert torch.isfinite(agent.update(batch, llm_features, trajectories)).all()
         weights[name] = torch.cat([p.detach().flatten() for p in agent.policy.parameters()])
     assert torch.equal(weights["fork-off"], weights["script"]) and not torch.equal(weights["fork"], weights["script"])
+
+
+def test_text_probe_prints_held_out_r2_per_phrasing(tiny_llm, tmp_path):
+    """benchmark/text_probe.py offline, on a tiny LLM: one row per phrasing with the held-out R^2 per axis. The control
+    (no goal in the prompt: every prompt the same) cannot predict the unseen goals."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "text_probe.py"), "--llm", tiny_llm,
+                          "--phrasings", "none", "script", "--embedding-cache-dir", str(tmp_path), "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reach: 40 seen -> 10 unseen goals" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith(("none", "script"))}
+    assert set(rows) == {"none", "script"}
+    assert all(float(value) <= 0.0 for value in rows["none"][1:4])  # R^2 x, y, z of the control
+    assert "'The goal is left, far, middle height: x = -0.02, y = 0.88" in out.stdout  # the script's phrasing, reach@0
