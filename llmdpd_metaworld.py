@@ -91,7 +91,7 @@ class Args:
     n_timesteps: int = 5  # diffusion steps K (Diffusion-QL's VP schedule)
     hidden_dim: int = 256  # width of the noise MLP and the critics
     clip_denoised: bool = True  # clip the predicted clean action at every reverse step (Diffusion-QL)
-    total_steps: int = 10_000  # gradient steps
+    total_steps: int = 8_000  # gradient steps
     batch_size: int = 256  # transitions per gradient step, mixed over the seen tasks
     single_task_batches: bool = False  # one random task per batch, as Algorithm 1 writes it (default: mixed)
     actor_lr: float = 3e-4  # learning rate of the policy and both prompt encoders
@@ -107,7 +107,7 @@ class Args:
     one_step_action: bool = False  # Q-term action from one denoising step (Kang et al. 2023), not the chain
 
     # Evaluation, logging, checkpoints
-    eval_every: int = 5000  # evaluate every this many gradient steps (0: only at the end)
+    eval_every: int = 0  # evaluate every this many gradient steps (0: only at the end)
     eval_episodes: int = 5  # evaluation episodes per task, all stepped together through one batched policy call
     eval_candidates: int = 50  # actions sampled per state at evaluation, one drawn by softmax over min Q
     log_every: int = 100  # log losses every this many steps

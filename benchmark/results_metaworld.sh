@@ -9,12 +9,15 @@ set -euo pipefail
 steps=${1:-20000}
 shift || true
 seeds=${*:-1 2 3}
+paper_split=(--train-tasks sweep-into coffee-push disassemble --test-tasks box-close hand-insert bin-picking
+             --no-hide-goal --no-goal-in-text --max-episode-steps 500 --episodes-per-level 30 --eval-episodes 10)
 for seed in $seeds; do
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name llmdpd
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name wo-prompt --no-text-prompt --no-traj-prompt
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name wo-text --no-text-prompt
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name wo-traj --no-traj-prompt
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name eta0-bc --eta 0
-  python llmdpd_metaworld.py --seed "$seed" --total-steps "$steps" --exp-name one-step --one-step-action
+  run=(python llmdpd_metaworld.py "${paper_split[@]}" --seed "$seed" --total-steps "$steps")
+  "${run[@]}" --exp-name llmdpd
+  "${run[@]}" --exp-name wo-prompt --no-text-prompt --no-traj-prompt
+  "${run[@]}" --exp-name wo-text --no-text-prompt
+  "${run[@]}" --exp-name wo-traj --no-traj-prompt
+  "${run[@]}" --exp-name eta0-bc --eta 0
+  "${run[@]}" --exp-name one-step --one-step-action
 done
 python benchmark/collect_results.py --runs runs --out results

@@ -5,11 +5,11 @@
 
 Both run at Meta-World dims (obs 39, act 4), batch 256, T=5, with the same thread count, interleaved (reference,
 ours, reference, ours, ...), each repeat in a fresh process; the median of the repeats is printed, and the ratio of
-medians. Ours runs with both prompts on (3 seen tasks, a 576-d LLM feature per task as SmolLM2 gives, 50-token
-trajectory prompts); `--variant` adds other flag sets. `--cuda` runs ours on the GPU (the reference has no GPU
-option, so no ratio is printed then); the `-compile` and `-cudagraphs` variants are the scripts' opt-in speed flags,
-compiled or recorded during the 20 warm-up steps, which are not timed. `--profile N` prints the busiest ops of N
-more steps of each variant.
+medians. Ours runs with both prompts on (`--tasks` seen tasks, 3 by default; a 576-d LLM feature per task as
+SmolLM2 gives, 50-token trajectory prompts); `--variant` adds other flag sets. `--cuda` runs ours on the GPU (the
+reference has no GPU option, so no ratio is printed then); the `-compile` and `-cudagraphs` variants are the
+scripts' opt-in speed flags, compiled or recorded during the 20 warm-up steps, which are not timed. `--profile N`
+prints the busiest ops of N more steps of each variant.
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ steps, threads, flags, device, profile_steps = int(sys.argv[2]), int(sys.argv[3]
 if threads: torch.set_num_threads(threads)
 torch.manual_seed(0)
 args = m.Args(**flags)
-n_tasks, n = 3, 100_000
+n_tasks, n = int(sys.argv[7]), 100_000
 llm_features = torch.randn(n_tasks, 576) if args.text_prompt else torch.zeros(n_tasks, 0)
 trajectories = torch.randn(n_tasks, args.traj_prompt_len, m.OBS_DIM + m.ACT_DIM)
 agent = m.Agent(m.OBS_DIM, m.ACT_DIM, llm_features, args, device)
@@ -74,9 +74,9 @@ VARIANTS = {
 }
 
 
-def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0) -> tuple:
+def run_ours(flags: dict, steps: int, threads: int, device: str, profile_steps: int = 0, tasks: int = 3) -> tuple:
     out = subprocess.run([sys.executable, "-c", WORKER, SCRIPT, str(steps), str(threads), json.dumps(flags), device,
-                          str(profile_steps)], capture_output=True, text=True)
+                          str(profile_steps), str(tasks)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: the {json.dumps(flags)} step failed:\n{out.stderr[-3000:]}")
     *profile_report, result = out.stdout.strip().splitlines()
@@ -103,6 +103,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cuda", action="store_true", help="run ours on the GPU (the reference stays on the CPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print the busiest ops of STEPS steps")
+    parser.add_argument("--tasks", type=int, default=3, help="seen tasks whose prompts each step encodes (default run: 40)")
     options = parser.parse_args()
     device = "cuda" if options.cuda else "cpu"
     if options.reference.lower() == "none":
@@ -111,7 +112,7 @@ def main():
         parser.error("the -cudagraphs variants need --cuda")
     for name in options.variant if options.profile else ():
         print(f"--- profile of {name} on {device}, {options.threads[0]} thread(s)", flush=True)
-        run_ours(VARIANTS[name], 20, options.threads[0], device, options.profile)
+        run_ours(VARIANTS[name], 20, options.threads[0], device, options.profile, options.tasks)
     for threads in options.threads:
         sps = {name: [] for name in (["reference"] if options.reference else []) + options.variant}
         warmup_s = {name: [] for name in options.variant}
@@ -119,7 +120,7 @@ def main():
             if options.reference:
                 sps["reference"].append(run_reference(options.reference, options.steps, threads))
             for name in options.variant:
-                steps_per_s, seconds = run_ours(VARIANTS[name], options.steps, threads, device)
+                steps_per_s, seconds = run_ours(VARIANTS[name], options.steps, threads, device, tasks=options.tasks)
                 sps[name].append(steps_per_s)
                 warmup_s[name].append(seconds)
         medians = {name: statistics.median(values) for name, values in sps.items()}

@@ -185,3 +185,11 @@ def test_text_probe_prints_held_out_r2_per_phrasing(tiny_llm, tmp_path):
     assert set(rows) == {"none", "script"}
     assert all(float(value) <= 0.0 for value in rows["none"][1:4])  # R^2 x, y, z of the control
     assert "'The goal is left, far, middle height: x = -0.02, y = 0.88" in out.stdout  # the script's phrasing, reach@0
+
+
+def test_ab_update_step_times_two_scripts_in_one_process():
+    script = os.path.join(ROOT, "llmdpd_metaworld.py")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "ab_update_step.py"), script, script,
+                          "--threads", "1", "--rounds", "2", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [float(re.search(r"median ([\d.]+) ms/step", line).group(1)) > 0 for line in out.stdout.splitlines()] == [True] * 2
