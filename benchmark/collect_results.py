@@ -101,6 +101,8 @@ def main():
     parser.add_argument("--runs", nargs="+", default=["runs"], help="folders of run directories (OUT/logs is read too)")
     parser.add_argument("--out", default="results", help="folder for the markdown table and the PNG curves")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs, all cut at a common step")
+    parser.add_argument("--at-step", type=int, help="every run cut at this evaluation step (with --partial: the runs "
+                        "still going too), e.g. a shorter default run's length; written to OUT/results-at-STEP.md")
     parser.add_argument("--last", type=int, default=3, help="tables of many tasks also give each split's success "
                         "averaged over each run's last LAST evaluations (one evaluation is noisy), and every seed's")
     options = parser.parse_args()
@@ -131,11 +133,13 @@ def main():
         if finished and os.path.abspath(run_dir) != os.path.abspath(os.path.join(archive, name)):
             to_archive.append((name, run_dir))  # only finished runs: an unfinished one may never finish
     partial_envs = set()
-    for env in {env for env, *_ in runs_read} if options.partial else ():  # cut every run at the last common eval step
+    for env in {env for env, *_ in runs_read} if options.partial or options.at_step else ():  # cut at a common step
         runs = [s for e, _, _, s, _ in runs_read if e == env]
-        common_step = max(set.intersection(*({step for step, _ in s[final_tag(env)]} for s in runs)), default=None)
-        if common_step is None:
-            sys.exit(f"error: the {env} runs have no evaluation step in common; wait for their next evaluation")
+        steps_in_common = set.intersection(*({step for step, _ in s[final_tag(env)]} for s in runs))
+        common_step = options.at_step if options.at_step in steps_in_common else max(steps_in_common, default=None)
+        if common_step is None or (options.at_step and common_step != options.at_step):
+            at = f" at {options.at_step}" if options.at_step else ""
+            sys.exit(f"error: the {env} runs have no evaluation step in common{at}; wait for their next evaluation")
         if any(step > common_step for s in runs for step, _ in s.get("charts/SPS", [])):
             partial_envs.add(env)
         for s in runs:
@@ -175,7 +179,9 @@ def main():
             header += [f"{split}_mean, last {options.last} evals" for split in ("seen", "unseen")] + [
                 f"unseen_mean per seed (last {options.last} evals)"]
         lines += [f"### {env}", ""]
-        if env in partial_envs:
+        if options.at_step:
+            lines += [f"Every run at its evaluation at step {options.at_step}.", ""]
+        elif env in partial_envs:
             lines += ["Partial: some runs are still going; every run is shown at the last step all of them have "
                       "evaluated at.", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -233,10 +239,11 @@ def main():
                     cells.append(seeds_cell(finals, 0))
                 lines.append("| " + " | ".join(cells) + " |")
         figure.tight_layout()
-        plot = f"{env}_{'success_rate' if metaworld else 'normalised_score'}.png"
+        plot = f"{env}_{'success_rate' if metaworld else 'normalised_score'}"
+        plot += f"_at_{options.at_step}.png" if options.at_step else ".png"
         figure.savefig(os.path.join(options.out, plot), dpi=100)
         lines += ["", f"![{titles[env].format(split='seen and unseen')}: learning curves]({plot})", ""]
-    table_path = os.path.join(options.out, "results.md")
+    table_path = os.path.join(options.out, f"results-at-{options.at_step}.md" if options.at_step else "results.md")
     sections = table_sections(lines)  # those made now, then the ones of the old table that no run read belongs to
     old_lines = open(table_path).read().splitlines() if os.path.exists(table_path) else []
     kept = {heading: old for heading, old in table_sections(old_lines).items() if heading not in sections}

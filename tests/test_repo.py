@@ -64,6 +64,15 @@ def test_collect_results_averages_finished_runs_and_skips_unfinished(tmp_path):
     assert "| llmdpd | 4 | 3000 | 60.0 | 60.0 | 0.0 |" in table
     assert (tmp_path / "results" / "metaworld_success_rate.png").stat().st_size > 0
 
+    # --at-step: every finished run cut at that evaluation, in a table of its own
+    before = (tmp_path / "results" / "results.md").read_text()
+    result = collect("results", "--at-step", "1000")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results" / "results-at-1000.md").read_text()
+    assert "Every run at its evaluation at step 1000." in table, table
+    assert "| llmdpd | 1,2,4 | 1000 | 40.0 ± 16.3 | 40.0 ± 16.3 | 0.0 ± 0.0 |" in table, table
+    assert (tmp_path / "results" / "results.md").read_text() == before
+
     # --partial: the run still going is kept, and every run is cut at the last step all three evaluated at
     result = collect("partial", "--partial")
     assert result.returncode == 0, result.stderr
